@@ -1,3 +1,22 @@
 """tipstorch: TIPS and TIPSv2 image-text encoders with spatial awareness, in PyTorch."""
 
+from tipstorch.checkpoints import CheckpointError, save_model
+from tipstorch.factory import create_model, get_tokenizer, load_model
+from tipstorch.models.registry import list_models
+from tipstorch.models.tips import TIPSConfig, TIPSModel
+from tipstorch.models.vit import ImageFeatures
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError",
+    "ImageFeatures",
+    "TIPSConfig",
+    "TIPSModel",
+    "__version__",
+    "create_model",
+    "get_tokenizer",
+    "list_models",
+    "load_model",
+    "save_model",
+]

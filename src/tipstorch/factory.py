@@ -1,0 +1,88 @@
+"""Public constructors: ``create_model``, ``load_model`` and ``get_tokenizer`` (timm / open_clip style)."""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from tipstorch import checkpoints, hub
+from tipstorch.models.registry import SCENES_TOKENIZER, get_model_spec, list_models
+from tipstorch.models.tips import TIPSModel
+from tipstorch.models.tokenizer import Tokenizer
+
+
+def _place(model: TIPSModel, device: str | torch.device | None, dtype: torch.dtype | None) -> TIPSModel:
+    model = model.to(device=device, dtype=dtype) if (device or dtype) else model
+    return model.eval()
+
+
+def create_model(
+    name: str,
+    pretrained: bool = False,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> TIPSModel:
+    """A registered model (see ``list_models()``), randomly initialised or with its official weights
+    (downloaded to the cache on first use). Returned in eval mode."""
+    spec = get_model_spec(name)
+    if not pretrained:
+        return _place(TIPSModel(spec.config), device, dtype)
+    if not spec.has_weights:
+        raise ValueError(
+            f"model {name!r} has no official weights; use pretrained=False or one of {list_models(pretrained=True)}"
+        )
+    vision = hub.download(spec.vision_url)
+    text = hub.download(spec.text_url)
+    return _place(checkpoints.load_official(vision, text, spec.config), device, dtype)
+
+
+def load_model(
+    path_or_url: str | os.PathLike,
+    text_path: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> TIPSModel:
+    """Load a model from a registered name, a file, a directory or an http(s) URL.
+
+    Understood: an official ``*_vision.npz`` (its ``*_text.npz`` is found beside it, or pass
+    ``text_path``); a transformers Tipsv2 directory or its ``model.safetensors`` (with ``config.json``
+    beside it); a tipstorch ``.safetensors`` file (written by ``save_model`` or ``tipstorch train``).
+    """
+    text = str(path_or_url)
+    if not text.startswith(("http://", "https://")) and not Path(text).exists() and "/" not in text:
+        return create_model(text, pretrained=True, device=device, dtype=dtype)
+    local = hub.resolve(path_or_url)
+    if local.suffix == ".npz":
+        text_source = str(text_path) if text_path is not None else checkpoints.text_path_for(text)
+        model = checkpoints.load_official(local, hub.resolve(text_source))
+    elif local.is_dir():
+        if (local / "config.json").exists():
+            model = checkpoints.load_transformers(local)
+        else:
+            raise checkpoints.CheckpointError(f"{local}: directory without config.json is not a known checkpoint")
+    elif local.suffix == ".safetensors":
+        loader = checkpoints.load_tipstorch if checkpoints.is_tipstorch_file(local) else checkpoints.load_transformers
+        model = loader(local)
+    else:
+        raise checkpoints.CheckpointError(
+            f"{local}: unknown checkpoint format (expected .npz, .safetensors or a transformers directory)"
+        )
+    return _place(model, device, dtype)
+
+
+def scenes_tokenizer_path() -> Path:
+    """The small SentencePiece model for the built-in scenes data, shipped with the package."""
+    return Path(str(resources.files("tipstorch") / "assets" / "scenes_tokenizer.model"))
+
+
+def get_tokenizer(name_or_path: str | os.PathLike, context_length: int = 64) -> Tokenizer:
+    """The tokenizer of a registered model, or one read from a SentencePiece ``.model`` path or URL."""
+    text = str(name_or_path)
+    if text.endswith(".model"):
+        return Tokenizer(hub.resolve(text), context_length)
+    source = get_model_spec(text).tokenizer
+    path = scenes_tokenizer_path() if source == SCENES_TOKENIZER else hub.download(source)
+    return Tokenizer(path, context_length)

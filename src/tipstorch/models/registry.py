@@ -1,0 +1,125 @@
+"""Named TIPS / TIPSv2 models: their shapes and where their official weights live.
+
+Sizes (vision width / depth / heads / MLP; text depth and MLP) follow the official PyTorch release:
+``pytorch/image_encoder.py`` and ``pytorch/run_text_encoder_inference.py`` of google-deepmind/tips.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from tipstorch.models.text import TextConfig
+from tipstorch.models.tips import TIPSConfig
+from tipstorch.models.vit import VisionConfig
+
+CHECKPOINT_BASE_URL = "https://storage.googleapis.com/tips_data/"
+OFFICIAL_TOKENIZER_URL = CHECKPOINT_BASE_URL + "v1_0/checkpoints/tokenizer.model"
+SCENES_TOKENIZER = "scenes"  # the small SentencePiece model shipped in tipstorch/assets
+
+# size: (width, depth, heads, mlp hidden, ffn, text depth, text mlp)
+_SIZES: dict[str, tuple[int, int, int, int, str, int, int]] = {
+    "s14": (384, 12, 6, 1536, "mlp", 12, 1536),
+    "b14": (768, 12, 12, 3072, "mlp", 12, 3072),
+    "l14": (1024, 24, 16, 4096, "mlp", 12, 4096),
+    "so400m14": (1152, 27, 16, 4304, "mlp", 27, 4304),
+    "g14": (1536, 40, 24, 4096, "swiglu", 12, 6144),
+}
+
+
+def size_configs(size: str, pos_grid: int = 32) -> tuple[VisionConfig, TextConfig]:
+    """Vision and text configs of a released size ("s14", "b14", "l14", "so400m14", "g14")."""
+    width, depth, heads, mlp, ffn, text_depth, text_mlp = _SIZES[size]
+    vision = VisionConfig(
+        embed_dim=width, depth=depth, num_heads=heads, mlp_hidden_dim=mlp, ffn=ffn, pos_grid=pos_grid
+    )
+    text = TextConfig(width=width, depth=text_depth, num_heads=heads, mlp_dim=text_mlp)
+    return vision, text
+
+
+def heads_for_width(width: int) -> int:
+    """Number of attention heads of the released model with this width (for shape inference)."""
+    for size_width, _, heads, *_ in _SIZES.values():
+        if size_width == width:
+            return heads
+    raise ValueError(
+        f"no released TIPS model has width {width}; pass an explicit config to load this checkpoint"
+    )
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A registered model: its config, its official weight files (URLs, None if random-init only)
+    and its tokenizer (a URL or SCENES_TOKENIZER)."""
+
+    name: str
+    config: TIPSConfig
+    vision_url: str | None
+    text_url: str | None
+    tokenizer: str
+    description: str
+
+    @property
+    def has_weights(self) -> bool:
+        return self.vision_url is not None
+
+
+def _official(name: str, size: str, stem: str, version: str, description: str, image_size: int = 448) -> ModelSpec:
+    pos_grid = image_size // 14
+    vision, text = size_configs(size, pos_grid=pos_grid)
+    url = f"{CHECKPOINT_BASE_URL}{version}/checkpoints/pytorch/{stem}"
+    return ModelSpec(
+        name=name,
+        config=TIPSConfig(vision=replace(vision, layer_scale_init=1.0), text=text, image_size=image_size),
+        vision_url=f"{url}_vision.npz",
+        text_url=f"{url}_text.npz",
+        tokenizer=OFFICIAL_TOKENIZER_URL,
+        description=description,
+    )
+
+
+def _tiny() -> ModelSpec:
+    vision = VisionConfig(embed_dim=192, depth=6, num_heads=3, mlp_hidden_dim=768, pos_grid=16)
+    text = TextConfig(width=192, depth=4, num_heads=3, mlp_dim=768, vocab_size=1024)
+    return ModelSpec(
+        name="tips-tiny",
+        config=TIPSConfig(vision=vision, text=text, image_size=224, temperature=0.07),
+        vision_url=None,
+        text_url=None,
+        tokenizer=SCENES_TOKENIZER,
+        description="tiny ViT/14 for CPU pretraining on the built-in scenes data (random init)",
+    )
+
+
+_REGISTRY: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in [
+        _official("tipsv2-b14", "b14", "tips_v2_oss_b14", "v2_0", "TIPSv2 B/14, 448 px"),
+        _official("tipsv2-l14", "l14", "tips_v2_oss_l14", "v2_0", "TIPSv2 L/14, 448 px"),
+        _official("tipsv2-so400m14", "so400m14", "tips_v2_oss_so14", "v2_0", "TIPSv2 SO400m/14, 448 px"),
+        _official("tipsv2-g14", "g14", "tips_v2_oss_g14", "v2_0", "TIPSv2 g/14 (SwiGLU), 448 px"),
+        _official("tips-v1-s14", "s14", "tips_oss_s14_highres_distilled", "v1_0", "TIPS S/14 HR, distilled"),
+        _official("tips-v1-b14", "b14", "tips_oss_b14_highres_distilled", "v1_0", "TIPS B/14 HR, distilled"),
+        _official("tips-v1-l14", "l14", "tips_oss_l14_highres_distilled", "v1_0", "TIPS L/14 HR, distilled"),
+        _official(
+            "tips-v1-so400m14", "so400m14", "tips_oss_so400m14_highres_largetext_distilled", "v1_0",
+            "TIPS SO400m/14 HR, large text tower, distilled",
+        ),
+        _official("tips-v1-g14", "g14", "tips_oss_g14_highres", "v1_0", "TIPS g/14 HR, 448 px"),
+        _official(
+            "tips-v1-g14-lowres", "g14", "tips_oss_g14_lowres", "v1_0", "TIPS g/14 LR, 224 px", image_size=224
+        ),
+        _tiny(),
+    ]
+}
+
+
+def list_models(pretrained: bool = False) -> list[str]:
+    """Registered model names; with ``pretrained`` only those with official weights."""
+    return sorted(name for name, spec in _REGISTRY.items() if spec.has_weights or not pretrained)
+
+
+def get_model_spec(name: str) -> ModelSpec:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}") from None
