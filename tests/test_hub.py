@@ -125,7 +125,7 @@ def test_create_model_pretrained_downloads_official_files(server, monkeypatch, t
         np.savez(tmp_path / name, **arrays)
         server.files[f"/ckpt/{name}"] = (tmp_path / name).read_bytes()
     spec = registry.ModelSpec("test-loopback", config, server.base_url + "/ckpt/t_vision.npz",
-                              server.base_url + "/ckpt/t_text.npz", registry.SCENES_TOKENIZER, "test")
+                              server.base_url + "/ckpt/t_text.npz", "test")
     monkeypatch.setitem(registry._REGISTRY, spec.name, spec)
     model = tipstorch.create_model("test-loopback", pretrained=True)
     assert not model.training

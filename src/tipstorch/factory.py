@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 
 from tipstorch import checkpoints, hub
-from tipstorch.models.registry import SCENES_TOKENIZER, get_model_spec, list_models
+from tipstorch.models.registry import get_model_spec, list_models
 from tipstorch.models.tips import TIPSModel
-from tipstorch.models.tokenizer import Tokenizer
+from tipstorch.models.tokenizer import OFFICIAL_TOKENIZER, OFFICIAL_TOKENIZER_URL, SCENES_TOKENIZER, Tokenizer
 
 
 def _place(model: TIPSModel, device: str | torch.device | None, dtype: torch.dtype | None) -> TIPSModel:
@@ -78,11 +78,16 @@ def scenes_tokenizer_path() -> Path:
     return Path(str(resources.files("tipstorch") / "assets" / "scenes_tokenizer.model"))
 
 
-def get_tokenizer(name_or_path: str | os.PathLike, context_length: int = 64) -> Tokenizer:
-    """The tokenizer of a registered model, or one read from a SentencePiece ``.model`` path or URL."""
-    text = str(name_or_path)
-    if text.endswith(".model"):
-        return Tokenizer(hub.resolve(text), context_length)
-    source = get_model_spec(text).tokenizer
-    path = scenes_tokenizer_path() if source == SCENES_TOKENIZER else hub.download(source)
-    return Tokenizer(path, context_length)
+def get_tokenizer(source: str | os.PathLike | TIPSModel, context_length: int = 64) -> Tokenizer:
+    """The tokenizer of a model, of a registered model name, or read from a SentencePiece ``.model``
+    path or URL. The official one (32k pieces) is downloaded to the cache on first use."""
+    if isinstance(source, TIPSModel):
+        source = source.config.tokenizer
+    elif str(source) in list_models():
+        source = get_model_spec(str(source)).config.tokenizer
+    source = str(source)
+    if source == SCENES_TOKENIZER:
+        return Tokenizer(scenes_tokenizer_path(), context_length)
+    if source == OFFICIAL_TOKENIZER:
+        return Tokenizer(hub.download(OFFICIAL_TOKENIZER_URL), context_length)
+    return Tokenizer(hub.resolve(source), context_length)

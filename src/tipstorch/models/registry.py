@@ -10,11 +10,10 @@ from dataclasses import dataclass, replace
 
 from tipstorch.models.text import TextConfig
 from tipstorch.models.tips import TIPSConfig
+from tipstorch.models.tokenizer import SCENES_TOKENIZER
 from tipstorch.models.vit import VisionConfig
 
 CHECKPOINT_BASE_URL = "https://storage.googleapis.com/tips_data/"
-OFFICIAL_TOKENIZER_URL = CHECKPOINT_BASE_URL + "v1_0/checkpoints/tokenizer.model"
-SCENES_TOKENIZER = "scenes"  # the small SentencePiece model shipped in tipstorch/assets
 
 # size: (width, depth, heads, mlp hidden, ffn, text depth, text mlp)
 _SIZES: dict[str, tuple[int, int, int, int, str, int, int]] = {
@@ -48,14 +47,13 @@ def heads_for_width(width: int) -> int:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A registered model: its config, its official weight files (URLs, None if random-init only)
-    and its tokenizer (a URL or SCENES_TOKENIZER)."""
+    """A registered model: its config (which names its tokenizer) and its official weight files
+    (URLs, None for models that exist only randomly initialised)."""
 
     name: str
     config: TIPSConfig
     vision_url: str | None
     text_url: str | None
-    tokenizer: str
     description: str
 
     @property
@@ -72,7 +70,6 @@ def _official(name: str, size: str, stem: str, version: str, description: str, i
         config=TIPSConfig(vision=replace(vision, layer_scale_init=1.0), text=text, image_size=image_size),
         vision_url=f"{url}_vision.npz",
         text_url=f"{url}_text.npz",
-        tokenizer=OFFICIAL_TOKENIZER_URL,
         description=description,
     )
 
@@ -82,10 +79,9 @@ def _tiny() -> ModelSpec:
     text = TextConfig(width=192, depth=4, num_heads=3, mlp_dim=768, vocab_size=1024)
     return ModelSpec(
         name="tips-tiny",
-        config=TIPSConfig(vision=vision, text=text, image_size=224, temperature=0.07),
+        config=TIPSConfig(vision=vision, text=text, image_size=224, temperature=0.07, tokenizer=SCENES_TOKENIZER),
         vision_url=None,
         text_url=None,
-        tokenizer=SCENES_TOKENIZER,
         description="tiny ViT/14 for CPU pretraining on the built-in scenes data (random init)",
     )
 

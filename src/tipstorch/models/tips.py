@@ -9,18 +9,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from tipstorch.models.text import TextConfig, TextTransformer
+from tipstorch.models.tokenizer import OFFICIAL_TOKENIZER
 from tipstorch.models.vit import ImageFeatures, VisionConfig, VisionTransformer
 
 
 @dataclass
 class TIPSConfig:
     """Everything needed to build a TIPSModel. ``image_size`` is the resolution the model was trained
-    at (its default input size), ``temperature`` the initial value of the similarity temperature."""
+    at (its default input size), ``temperature`` the initial value of the similarity temperature,
+    ``tokenizer`` "official", "scenes" or the path/URL of a SentencePiece model."""
 
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
     image_size: int = 448
     temperature: float = 0.01
+    tokenizer: str = OFFICIAL_TOKENIZER
 
     def __post_init__(self) -> None:
         if isinstance(self.vision, dict):

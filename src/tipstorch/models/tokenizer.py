@@ -15,6 +15,10 @@ import torch
 
 from tipstorch.models.text import PAD_ID
 
+OFFICIAL_TOKENIZER_URL = "https://storage.googleapis.com/tips_data/v1_0/checkpoints/tokenizer.model"
+OFFICIAL_TOKENIZER = "official"  # the 32k SentencePiece model of TIPS v1 and v2
+SCENES_TOKENIZER = "scenes"  # the small SentencePiece model for the built-in scenes data (tipstorch/assets)
+
 _ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
 
