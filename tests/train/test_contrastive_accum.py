@@ -4,9 +4,9 @@ import copy
 
 import pytest
 import torch
-from train_fakes import contrastive_embeddings, make_batch, make_student, split_batch, tips_forward, tips_loss
+from train_fakes import contrastive_embeddings, make_batch, make_student, tips_forward, tips_loss
 
-from tipstorch.train.contrastive_accum import accumulate_gradients, scale_gradient, splice
+from tipstorch.train.contrastive_accum import accumulate_gradients, scale_gradient, splice, split_batch
 from tipstorch.train.teacher import EMATeacher
 
 
@@ -105,3 +105,15 @@ def test_scale_gradient_keeps_value_and_scales_gradient():
     (scaled * 2.0).backward()
     assert scaled.item() == 3.0
     assert value.grad.item() == pytest.approx(0.5)
+
+
+def test_split_batch_cuts_tensors_and_lists_alike():
+    batch = {"global_crop": torch.arange(6).reshape(6, 1), "synthetic_source": list("abcdef")}
+    micro = split_batch(batch, 3)
+    assert [m["global_crop"].flatten().tolist() for m in micro] == [[0, 1], [2, 3], [4, 5]]
+    assert [m["synthetic_source"] for m in micro] == [["a", "b"], ["c", "d"], ["e", "f"]]
+
+
+def test_split_batch_rejects_a_batch_that_does_not_divide():
+    with pytest.raises(ValueError, match="multiple of 4"):
+        split_batch({"global_crop": torch.zeros(6, 1)}, 4)

@@ -95,13 +95,9 @@ def make_batch(batch: int = 4, local_crops: int = 2, seed: int = 0, size: int = 
         "global_crop": torch.rand(batch, 3, size, size, generator=generator),
         "local_crops": torch.rand(batch, local_crops, 3, local, local, generator=generator),
         "patch_mask": mask,
-        "alt_text": torch.randint(1, 50, (batch, 5), generator=generator),
-        "synthetic_text": torch.randint(1, 50, (batch, 7), generator=generator),
+        "alt_tokens": torch.randint(1, 50, (batch, 5), generator=generator),
+        "synthetic_tokens": torch.randint(1, 50, (batch, 7), generator=generator),
     }
-
-
-def split_batch(batch: dict, parts: int) -> list[dict]:
-    return [dict(zip(batch, values, strict=True)) for values in zip(*(v.chunk(parts) for v in batch.values()), strict=True)]
 
 
 def contrastive_embeddings(student: FakeStudent, micro_batch: dict, features: FakeFeatures | None = None) -> dict:
@@ -110,8 +106,8 @@ def contrastive_embeddings(student: FakeStudent, micro_batch: dict, features: Fa
     return {
         "global_cls": features.global_cls,
         "spatial_cls": features.spatial_cls,
-        "alt_text": student.text(micro_batch["alt_text"]),
-        "synthetic_text": student.text(micro_batch["synthetic_text"]),
+        "alt_text": student.text(micro_batch["alt_tokens"]),
+        "synthetic_text": student.text(micro_batch["synthetic_tokens"]),
     }
 
 

@@ -26,13 +26,16 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelCfg:
-    """Which image-text model to train. ``name`` is a registry name (``tipstorch.list_models()``); ``vision``
-    and ``text`` override fields of its VisionConfig / TextConfig, or give them all when ``name`` is None."""
+    """The architecture and the starting weights. ``name`` is a registry name (``tipstorch.list_models()``)
+    giving the architecture only; ``vision`` / ``text`` override fields of its VisionConfig / TextConfig
+    (or give them all when ``name`` is None). ``init`` gives the weights to start from: None trains from
+    scratch, a registered name or checkpoint loads the backbone and text tower (heads start new)."""
 
-    name: str | None = None
+    name: str | None = "tips-tiny"
     vision: dict[str, Any] = field(default_factory=dict)
     text: dict[str, Any] = field(default_factory=dict)
-    init: str | None = None  # registered name or checkpoint: backbone and text loaded, heads new
+    temperature: float | None = None  # initial contrastive temperature; None = the model config's
+    init: str | None = None
     grad_checkpointing: bool = False
 
 
@@ -48,19 +51,20 @@ class HeadCfg:
 
 @dataclass
 class DataCfg:
-    """What one training sample holds; maps onto the data package's pipeline."""
+    """Training data and the multi-crop batch; crop / mask / caption fields carry the names of
+    ``tipstorch.data.collate.MultiCropConfig``."""
 
     source: str = "scenes"  # "scenes" (built-in procedural set) or a WebDataset shard pattern
     num_samples: int = 100_000  # scenes only: images per epoch
+    num_workers: int = 0
     global_size: int = 224  # 4.1: 1 global crop at 224
     local_size: int = 98  # 4.1: local crops at 98
     num_local_crops: int = 6  # 4.1: M = 6
-    global_crop_scale: tuple[float, float] = (0.32, 1.0)  # not in the paper: DINOv2 default
-    local_crop_scale: tuple[float, float] = (0.05, 0.32)  # not in the paper: DINOv2 default
+    global_scale: tuple[float, float] = (0.32, 1.0)  # not in the paper: DINOv2 default
+    local_scale: tuple[float, float] = (0.05, 0.32)  # not in the paper: DINOv2 default
     mask_ratio: float = 0.75  # 3.2 / Table 11: random masking, 75%
-    alt_caption: str = "alt"  # caption field for the global CLS (noisy web alt-text)
-    synthetic_captions: list[str] = field(default_factory=lambda: ["spatial"])  # one drawn per sample
-    num_workers: int = 0
+    alt_source: str = "alt"  # caption of the global CLS: noisy web alt-text (3.1)
+    caption_weights: dict[str, float] = field(default_factory=lambda: {"spatial": 1.0})  # CLS2 caption draw
 
 
 @dataclass
@@ -157,6 +161,8 @@ class TrainCfg:
 
     def __post_init__(self) -> None:
         problems = []
+        if self.model.name is None and not (self.model.vision and self.model.text):
+            problems.append("model needs a registry name or explicit vision and text fields")
         weights = self.loss.weights.as_dict()
         if any(weight < 0 for weight in weights.values()) or not any(weights.values()):
             problems.append(f"loss.weights must be >= 0 with at least one > 0, got {weights}")
@@ -167,8 +173,6 @@ class TrainCfg:
             )
         if self.teacher.mode == "frozen" and not self.teacher.frozen_model:
             problems.append("teacher.mode 'frozen' needs teacher.frozen_model (registered name or checkpoint)")
-        if self.schedule.warmup_steps > self.loop.steps:
-            problems.append(f"schedule.warmup_steps ({self.schedule.warmup_steps}) exceeds loop.steps ({self.loop.steps})")
         if problems:
             raise ConfigError("; ".join(problems))
 
@@ -209,14 +213,16 @@ def _read_with_bases(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
     if base is None:
         return raw
     merged = _read_with_bases(path.parent / base, seen + (resolved,))
-    _merge_into(merged, raw)
+    _merge_into(merged, raw, TrainCfg)
     return merged
 
 
-def _merge_into(target: dict[str, Any], update: dict[str, Any]) -> None:
+def _merge_into(target: dict[str, Any], update: dict[str, Any], cls: Any) -> None:
+    """Sections (dataclasses) merge key by key; values, lists and free-form mappings are replaced whole."""
+    fields = _fields(cls)
     for key, value in update.items():
-        if isinstance(value, dict) and isinstance(target.get(key), dict):
-            _merge_into(target[key], value)
+        if dataclasses.is_dataclass(fields[key]) and isinstance(value, dict) and isinstance(target.get(key), dict):
+            _merge_into(target[key], value, fields[key])
         else:
             target[key] = value
 

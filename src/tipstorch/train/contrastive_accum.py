@@ -24,6 +24,16 @@ Embeddings = dict[str, torch.Tensor]
 Parts = dict[str, torch.Tensor]
 
 
+def split_batch(batch: Mapping[str, Any], count: int) -> list[dict[str, Any]]:
+    """Cut a batch dict into ``count`` equal micro-batches along the sample axis (tensors on dim 0, lists
+    by slicing); the batch size must be a multiple of ``count``."""
+    sizes = {len(value) for value in batch.values()}
+    if len(sizes) != 1 or next(iter(sizes)) % count:
+        raise ValueError(f"split_batch: every entry needs the same length, a multiple of {count}; got {sorted(sizes)}")
+    rows = next(iter(sizes)) // count
+    return [{key: value[i * rows : (i + 1) * rows] for key, value in batch.items()} for i in range(count)]
+
+
 def splice(cache: Sequence[Mapping[str, torch.Tensor]], index: int, current: Mapping[str, torch.Tensor]) -> Embeddings:
     """Concatenate the cached micro-batch embeddings [b_i, D] along dim 0, with entry ``index`` replaced."""
     return {
