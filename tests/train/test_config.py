@@ -138,11 +138,13 @@ def test_config_from_dict_rebuilds_a_saved_config():
         ("teacher.mode=frozen", "teacher.frozen_model"),
         ("loss.weights.dino=-1", "loss.weights must be >= 0"),
         ("model.name=null", "registry name or explicit vision and text"),
+        ("data.num_local_crops=0", "needs local crops"),
+        ("data.mask_ratio=0", "supervises no token"),
     ],
 )
 def test_inconsistent_settings_are_rejected(override, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(CONFIGS / "tiny_cpu.yaml", [override])
+        load_config(CONFIGS / "tips.yaml", [override])
 
 
 def test_model_names_and_fields_exist_in_the_registry():

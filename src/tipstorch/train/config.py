@@ -2,8 +2,9 @@
 
 Defaults are the TIPS paper's recipe (section 4.1 "Implementation details" and appendix A.2) where the
 paper gives a number; fields the paper leaves open say where their default comes from. A YAML file may
-start from another with ``base: other.yaml`` (resolved next to the file); the file's keys override the
-base's, key by key. Unknown keys are an error naming the key and the file.
+start from another with ``base: other.yaml`` (resolved next to the file); its sections override the
+base's key by key, while values, lists and free-form mappings (``model.vision``, ``data.caption_weights``)
+replace the base's whole. Unknown keys are an error naming the key and the file.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ class DataCfg:
     ``tipstorch.data.collate.MultiCropConfig``."""
 
     source: str = "scenes"  # "scenes" (built-in procedural set) or a WebDataset shard pattern
-    num_samples: int = 100_000  # scenes only: images per epoch
+    num_samples: int = 100_000  # images per epoch (scenes: how many are generated)
     num_workers: int = 0
     global_size: int = 224  # 4.1: 1 global crop at 224
     local_size: int = 98  # 4.1: local crops at 98
@@ -166,6 +167,10 @@ class TrainCfg:
         weights = self.loss.weights.as_dict()
         if any(weight < 0 for weight in weights.values()) or not any(weights.values()):
             problems.append(f"loss.weights must be >= 0 with at least one > 0, got {weights}")
+        if self.loss.weights.dino > 0 and self.data.num_local_crops < 1:
+            problems.append("loss.weights.dino > 0 needs local crops (data.num_local_crops >= 1)")
+        if self.loss.weights.ibot > 0 and self.data.mask_ratio <= 0 and not self.loss.ibot_all_tokens:
+            problems.append("loss.weights.ibot > 0 with data.mask_ratio 0 supervises no token (mask, or ibot_all_tokens)")
         if self.loop.batch_size % self.loop.accumulation_steps:
             problems.append(
                 f"loop.batch_size ({self.loop.batch_size}) must be a multiple of "
