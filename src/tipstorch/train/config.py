@@ -1,0 +1,328 @@
+"""Typed training configuration: dataclasses, strict YAML loading, ``--set a.b=c`` overrides, YAML dump.
+
+Defaults are the TIPS paper's recipe (section 4.1 "Implementation details" and appendix A.2) where the
+paper gives a number; fields the paper leaves open say where their default comes from. A YAML file may
+start from another with ``base: other.yaml`` (resolved next to the file); its sections override the
+base's key by key, while values, lists and free-form mappings (``model.vision``, ``data.caption_weights``)
+replace the base's whole. Unknown keys are an error naming the key and the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+BASE_KEY = "base"
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+@dataclass
+class ModelCfg:
+    """The architecture and the starting weights. ``name`` is a registry name (``tipstorch.list_models()``)
+    giving the architecture only; ``vision`` / ``text`` override fields of its VisionConfig / TextConfig
+    (or give them all when ``name`` is None). ``init`` gives the weights to start from: None trains from
+    scratch, a registered name or checkpoint loads the backbone and text tower (heads start new)."""
+
+    name: str | None = "tips-tiny"
+    vision: dict[str, Any] = field(default_factory=dict)
+    text: dict[str, Any] = field(default_factory=dict)
+    temperature: float | None = None  # initial contrastive temperature; None = the model config's
+    init: str | None = None
+    grad_checkpointing: bool = False
+
+
+@dataclass
+class HeadCfg:
+    """DINO / iBOT projection heads (identical shapes, unshared weights; appendix A.2)."""
+
+    num_prototypes: int = 32768  # A.2: "prototype dimension of 32k"
+    hidden_dim: int = 2048  # not in the paper: DINO / DINOv2 default
+    bottleneck_dim: int = 256  # not in the paper: DINO / DINOv2 default
+    mlp_layers: int = 3  # A.2: "3-layer MLP"
+
+
+@dataclass
+class DataCfg:
+    """Training data and the multi-crop batch; crop / mask / caption fields carry the names of
+    ``tipstorch.data.collate.MultiCropConfig``."""
+
+    source: str = "scenes"  # "scenes" (built-in procedural set) or a WebDataset shard pattern
+    num_samples: int = 100_000  # images per epoch (scenes: how many are generated)
+    num_workers: int = 0
+    global_size: int = 224  # 4.1: 1 global crop at 224
+    local_size: int = 98  # 4.1: local crops at 98
+    num_local_crops: int = 6  # 4.1: M = 6
+    global_scale: tuple[float, float] = (0.32, 1.0)  # not in the paper: DINOv2 default
+    local_scale: tuple[float, float] = (0.05, 0.32)  # not in the paper: DINOv2 default
+    mask_ratio: float = 0.75  # 3.2 / Table 11: random masking, 75%
+    alt_source: str = "alt"  # caption of the global CLS: noisy web alt-text (3.1)
+    caption_weights: dict[str, float] = field(default_factory=lambda: {"spatial": 1.0})  # CLS2 caption draw
+
+
+@dataclass
+class LossWeights:
+    """L = clip_global L_CLIP + clip_spatial L^_CLIP + dino L_distill + ibot L_mask + koleo L_KoLeo (3.2, A.2).
+    A weight of 0 switches the term off (and its head and teacher pass)."""
+
+    clip_global: float = 0.5  # 3.2: 1/2 (L_CLIP + L^_CLIP)
+    clip_spatial: float = 0.5
+    dino: float = 1.0  # A.2: alpha = 1
+    ibot: float = 2.0  # A.2: beta = 2
+    koleo: float = 0.0  # not in the paper (DINOv2 regulariser), off
+
+    def as_dict(self) -> dict[str, float]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class LossCfg:
+    weights: LossWeights = field(default_factory=LossWeights)
+    student_temp: float = 0.1  # A.2: tau_s = tau'_s = 0.1
+    center_momentum: float = 0.9  # A.2: centre = EMA of the score means, momentum 0.9
+    ibot_all_tokens: bool = False  # TIPSv2 iBOT++: patch loss on visible tokens too
+    contrastive_on_masked: bool = False  # contrastive terms on the masked pass (cheaper) or an unmasked one
+    min_temperature: float = 1e-3  # floor for the learnable contrastive temperature (released ~0.005)
+
+
+@dataclass
+class TeacherCfg:
+    """full: EMA of the whole student (TIPS, 3.2); heads: EMA of the heads only, the teacher backbone is the
+    student's (TIPSv2); frozen: a fixed pretrained teacher distilled into a smaller student (A.1)."""
+
+    mode: Literal["full", "heads", "frozen"] = "full"
+    frozen_model: str | None = None  # mode "frozen": registered name or checkpoint of the teacher
+
+
+@dataclass
+class OptimCfg:
+    name: Literal["adafactor", "adamw"] = "adafactor"  # A.2: Adafactor
+    lr: float = 5e-4  # A.2: peak learning rate
+    weight_decay: float = 0.0  # not in the paper
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW only
+    eps: float = 1e-8  # AdamW only
+    grad_clip_norm: float = 0.0  # not in the paper; 0 = no clipping
+    temperature_lr_scale: float = 1.0  # lr multiplier of the contrastive temperature
+
+
+@dataclass
+class ScheduleCfg:
+    """Step-indexed schedules (see schedules.py); every value is a function of the step alone."""
+
+    warmup_steps: int = 0  # A.2: linear warm-up for 1.4 epochs
+    decay: Literal["linear", "cosine"] = "linear"  # A.2: linear decay ...
+    final_lr: float = 0.0  # A.2: ... down to 0
+    weight_decay_end: float | None = None  # None = constant weight decay, else cosine to this value
+    teacher_momentum_start: float = 0.994  # A.2: cosine schedule from 0.994 ...
+    teacher_momentum_end: float = 1.0  # A.2: ... to 1
+    dino_teacher_temp: float = 0.07  # A.2: tau_t = 0.07
+    ibot_teacher_temp_start: float = 0.04  # A.2: tau'_t warmed up linearly from 0.04 ...
+    ibot_teacher_temp_end: float = 0.07  # A.2: ... to 0.07
+    ibot_teacher_temp_warmup_steps: int = 0  # not in the paper
+
+
+@dataclass
+class LoopCfg:
+    steps: int = 1000
+    batch_size: int = 16384  # 4.1: global batch (all ranks, all accumulation steps)
+    accumulation_steps: int = 1
+    bf16: bool = True
+    checkpoint_every: int = 1000
+    log_every: int = 10
+    out_dir: str = "runs/tips"
+    seed: int = 0
+
+
+@dataclass
+class EvalCfg:
+    every: int = 0  # steps between evaluations; 0 = only before and after training
+    tasks: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TrainCfg:
+    name: str = "tips"
+    model: ModelCfg = field(default_factory=ModelCfg)
+    heads: HeadCfg = field(default_factory=HeadCfg)
+    data: DataCfg = field(default_factory=DataCfg)
+    loss: LossCfg = field(default_factory=LossCfg)
+    teacher: TeacherCfg = field(default_factory=TeacherCfg)
+    optim: OptimCfg = field(default_factory=OptimCfg)
+    schedule: ScheduleCfg = field(default_factory=ScheduleCfg)
+    loop: LoopCfg = field(default_factory=LoopCfg)
+    eval: EvalCfg = field(default_factory=EvalCfg)
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.model.name is None and not (self.model.vision and self.model.text):
+            problems.append("model needs a registry name or explicit vision and text fields")
+        weights = self.loss.weights.as_dict()
+        if any(weight < 0 for weight in weights.values()) or not any(weights.values()):
+            problems.append(f"loss.weights must be >= 0 with at least one > 0, got {weights}")
+        if self.loss.weights.dino > 0 and self.data.num_local_crops < 1:
+            problems.append("loss.weights.dino > 0 needs local crops (data.num_local_crops >= 1)")
+        if self.loss.weights.ibot > 0 and self.data.mask_ratio <= 0 and not self.loss.ibot_all_tokens:
+            problems.append("loss.weights.ibot > 0 with data.mask_ratio 0 supervises no token (mask, or ibot_all_tokens)")
+        if self.loop.batch_size % self.loop.accumulation_steps:
+            problems.append(
+                f"loop.batch_size ({self.loop.batch_size}) must be a multiple of "
+                f"loop.accumulation_steps ({self.loop.accumulation_steps})"
+            )
+        if self.teacher.mode == "frozen" and not self.teacher.frozen_model:
+            problems.append("teacher.mode 'frozen' needs teacher.frozen_model (registered name or checkpoint)")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainCfg:
+    """Read a YAML recipe (following ``base:`` files), apply ``a.b=c`` overrides, return a checked TrainCfg."""
+    path = Path(path)
+    raw = _read_with_bases(path, seen=())
+    for override in overrides:
+        _apply_override(raw, override)
+    return _build(TrainCfg, raw, where=f"config {path} (with its bases and --set overrides)")
+
+
+def config_from_dict(raw: dict[str, Any], where: str = "config") -> TrainCfg:
+    """Build a TrainCfg from a nested dict (e.g. the ``config`` saved in a checkpoint)."""
+    return _build(TrainCfg, raw, where)
+
+
+def dump_config(cfg: TrainCfg) -> str:
+    """YAML text that ``load_config`` reads back to an equal TrainCfg."""
+    return yaml.safe_dump(_plain(dataclasses.asdict(cfg)), sort_keys=False)
+
+
+def _read_with_bases(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+    resolved = path.resolve()
+    if resolved in seen:
+        raise ConfigError(f"config {path}: 'base' chain loops back to itself ({' -> '.join(map(str, seen))})")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config {path}: top level must be a mapping, got {type(raw).__name__}")
+    base = raw.pop(BASE_KEY, None)
+    _check_keys(TrainCfg, raw, f"config {path}", prefix="")
+    if base is None:
+        return raw
+    merged = _read_with_bases(path.parent / base, seen + (resolved,))
+    _merge_into(merged, raw, TrainCfg)
+    return merged
+
+
+def _merge_into(target: dict[str, Any], update: dict[str, Any], cls: Any) -> None:
+    """Sections (dataclasses) merge key by key; values, lists and free-form mappings are replaced whole."""
+    fields = _fields(cls)
+    for key, value in update.items():
+        if dataclasses.is_dataclass(fields[key]) and isinstance(value, dict) and isinstance(target.get(key), dict):
+            _merge_into(target[key], value, fields[key])
+        else:
+            target[key] = value
+
+
+def _apply_override(raw: dict[str, Any], override: str) -> None:
+    key, sep, text = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {override!r}: expected key=value, e.g. loop.steps=100")
+    names = key.split(".")
+    hint: Any = TrainCfg
+    for depth, name in enumerate(names):
+        where = ".".join(names[: depth + 1])
+        if typing.get_origin(hint) is dict:
+            break  # inside a free-form mapping such as model.vision: any key
+        if not dataclasses.is_dataclass(hint):
+            raise ConfigError(f"--set {key}: '{'.'.join(names[:depth])}' is a value, not a section")
+        fields = _fields(hint)
+        if name not in fields:
+            raise ConfigError(f"--set {key}: unknown key '{where}' (known: {', '.join(fields)})")
+        hint = fields[name]
+    node = raw
+    for name in names[:-1]:
+        node = node.setdefault(name, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: '{name}' is not a section")
+    node[names[-1]] = yaml.safe_load(text)
+
+
+def _check_keys(cls: Any, raw: dict[str, Any], where: str, prefix: str) -> None:
+    fields = _fields(cls)
+    for key, value in raw.items():
+        if key not in fields:
+            raise ConfigError(f"{where}: unknown key '{prefix}{key}' (known: {', '.join(fields)})")
+        if dataclasses.is_dataclass(fields[key]) and isinstance(value, dict):
+            _check_keys(fields[key], value, where, prefix=f"{prefix}{key}.")
+
+
+def _fields(cls: Any) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _build(cls: Any, raw: Any, where: str, prefix: str = "") -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: '{prefix.rstrip('.') or 'top level'}' must be a mapping, got {raw!r}")
+    hints = _fields(cls)
+    values = {}
+    for key, value in raw.items():
+        if key not in hints:
+            raise ConfigError(f"{where}: unknown key '{prefix}{key}' (known: {', '.join(hints)})")
+        values[key] = _convert(hints[key], value, where, f"{prefix}{key}")
+    try:
+        return cls(**values)
+    except ConfigError as error:
+        raise ConfigError(f"{where}: {error}") from None
+
+
+def _convert(hint: Any, value: Any, where: str, key: str) -> Any:
+    """Check ``value`` against the type hint and convert lists to tuples / ints to floats where declared."""
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where, prefix=f"{key}.")
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [arg for arg in args if arg is not type(None)]
+        return _convert(options[0], value, where, key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {key} must be one of {list(args)}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list | tuple) or len(value) != len(args):
+            raise ConfigError(f"{where}: {key} must be a list of {len(args)} values, got {value!r}")
+        return tuple(_convert(arg, item, where, f"{key}[{i}]") for i, (arg, item) in enumerate(zip(args, value, strict=True)))
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: {key} must be a list, got {value!r}")
+        return [_convert(args[0], item, where, f"{key}[{i}]") for i, item in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: {key} must be a mapping, got {value!r}")
+        return dict(value)
+    if hint is float and isinstance(value, int | float | str) and not isinstance(value, bool):
+        try:  # YAML 1.1 reads 5e-4 (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    if hint is Any or (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
+        return value
+    raise ConfigError(f"{where}: {key} must be {hint.__name__}, got {value!r}")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(item) for item in value]
+    return value

@@ -1,0 +1,295 @@
+"""The TIPS / TIPSv2 training losses, one small module each, and their weighted sum.
+
+Paper (section 3.2): L = 1/2 (L_CLIP + L^_CLIP) + alpha * L_distill + beta * L_mask, alpha = 1, beta = 2
+(appendix A.2). TIPSv2 adds iBOT++ (the patch loss also on visible tokens). Scores and probabilities are
+taken in float32 whatever the autocast dtype of the network.
+
+Distributed runs: ``ContrastiveLoss`` gathers the embeddings of every rank (with gradient) so that each
+image sees the negatives of the global batch, and the centres of the self-distillation losses are
+all-reduced, so every rank holds the same centre.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from tipstorch.train.config import LossCfg
+
+CLIP_GLOBAL = "clip_global"
+CLIP_SPATIAL = "clip_spatial"
+DINO = "dino"
+IBOT = "ibot"
+KOLEO = "koleo"
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather along dim 0; the backward sums the gradients of every rank and returns this rank's slice."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        rank, world = _rank_and_world()
+        ctx.rank, ctx.rows = rank, tensor.shape[0]
+        pieces = [torch.empty_like(tensor) for _ in range(world)]
+        dist.all_gather(pieces, tensor.contiguous())
+        return torch.cat(pieces, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone(memory_format=torch.contiguous_format)  # all_reduce writes in place
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
+
+
+def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """[b, ...] on each of W ranks -> [W*b, ...] in rank order, differentiable; identity without a process group.
+
+    Every rank must hold the same b. The gradient reaching each rank's input is the sum over ranks of the
+    gradients of their losses, as in open_clip's ``gather_with_grad``.
+    """
+    if _rank_and_world()[1] == 1:
+        return tensor
+    return _GatherWithGrad.apply(tensor)
+
+
+class ContrastiveLoss(nn.Module):
+    """Symmetric InfoNCE between images and their captions, logits = cos(image, text) / temperature.
+
+    The temperature is passed in (it lives in the model, ``TIPSModel.temperature``, stored as in the
+    official checkpoints). With W > 1 ranks each rank computes the rows of its own b pairs against
+    all W*b gathered pairs (open_clip's ``local_loss`` with ``gather_with_grad``): the mean over ranks of
+    the returned losses is the loss of the global batch, and after DDP's gradient averaging the
+    gradients are those of the global batch.
+    """
+
+    def forward(self, image_emb: torch.Tensor, text_emb: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+        """image_emb [b, D], text_emb [b, D] (pair i matches), temperature scalar -> scalar loss."""
+        if image_emb.shape != text_emb.shape or image_emb.ndim != 2:
+            raise ValueError(
+                f"ContrastiveLoss expects image and text embeddings of the same shape [b, D], "
+                f"got {tuple(image_emb.shape)} and {tuple(text_emb.shape)}"
+            )
+        image = F.normalize(image_emb.float(), dim=-1)
+        text = F.normalize(text_emb.float(), dim=-1)
+        rank, _ = _rank_and_world()
+        all_image, all_text = gather_with_grad(image), gather_with_grad(text)
+        targets = torch.arange(image.shape[0], device=image.device) + rank * image.shape[0]
+        image_to_text = image @ all_text.T / temperature
+        text_to_image = text @ all_image.T / temperature
+        return 0.5 * (F.cross_entropy(image_to_text, targets) + F.cross_entropy(text_to_image, targets))
+
+
+class ScoreCentering(nn.Module):
+    """EMA of the mean teacher score vector, subtracted from teacher scores before sharpening.
+
+    ``accumulate`` records teacher scores of a (micro-)batch; ``step`` folds their mean (all-reduced over
+    ranks) into the centre once per optimiser step: c <- m c + (1 - m) mean. Targets of every micro-batch
+    of a step therefore use the same centre, as a single large batch would.
+    """
+
+    def __init__(self, num_prototypes: int, momentum: float) -> None:
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer("center", torch.zeros(num_prototypes))
+        self._pending: torch.Tensor | None = None  # [K + 1]: score sum, then row count
+
+    @torch.no_grad()
+    def accumulate(self, teacher_scores: torch.Tensor) -> None:
+        """teacher_scores [..., K]; every row counts once in the mean."""
+        rows = teacher_scores.reshape(-1, teacher_scores.shape[-1]).float()
+        stats = torch.cat([rows.sum(dim=0), rows.new_tensor([rows.shape[0]])])
+        self._pending = stats if self._pending is None else self._pending + stats
+
+    @torch.no_grad()
+    def step(self) -> None:
+        if self._pending is None:
+            return
+        stats, self._pending = self._pending, None
+        if _rank_and_world()[1] > 1:
+            dist.all_reduce(stats, op=dist.ReduceOp.SUM)
+        batch_mean = stats[:-1] / stats[-1]
+        self.center.mul_(self.momentum).add_(batch_mean, alpha=1.0 - self.momentum)
+
+    @torch.no_grad()
+    def probabilities(self, teacher_scores: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+        """teacher_scores [..., K] -> softmax((scores - centre) / teacher_temp) [..., K], float32."""
+        return F.softmax((teacher_scores.float() - self.center) / teacher_temp, dim=-1)
+
+
+def _cross_entropy(teacher_probs: torch.Tensor, student_scores: torch.Tensor, student_temp: float) -> torch.Tensor:
+    """-sum_k t_k log softmax(s / student_temp)_k over the last axis: [..., K] x [..., K] -> [...]."""
+    return -(teacher_probs * F.log_softmax(student_scores.float() / student_temp, dim=-1)).sum(dim=-1)
+
+
+class DINOLoss(nn.Module):
+    """Self-distillation on CLS tokens (paper Eq. 1): every local crop of an image predicts the centred,
+    sharpened teacher distribution of that image's single global crop.
+
+    The loss is the mean over the B*M (image, local crop) pairs, so its scale does not depend on M.
+    """
+
+    def __init__(self, num_prototypes: int, student_temp: float, center_momentum: float) -> None:
+        super().__init__()
+        self.student_temp = student_temp
+        self.centering = ScoreCentering(num_prototypes, center_momentum)
+
+    def teacher_targets(self, teacher_global_scores: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+        """teacher_global_scores [B, K] -> target probabilities [B, K]; records the scores for centering."""
+        targets = self.centering.probabilities(teacher_global_scores, teacher_temp)
+        self.centering.accumulate(teacher_global_scores)
+        return targets
+
+    def forward(self, student_local_scores: torch.Tensor, teacher_targets: torch.Tensor) -> torch.Tensor:
+        """student_local_scores [B*M, K] (image-major: row b*M + m is crop m of image b),
+        teacher_targets [B, K] -> scalar."""
+        images, prototypes = teacher_targets.shape
+        if student_local_scores.ndim != 2 or student_local_scores.shape[0] % images:
+            raise ValueError(
+                f"DINOLoss expects student scores [B*M, K] with B={images}, got {tuple(student_local_scores.shape)}"
+            )
+        student = student_local_scores.reshape(images, -1, prototypes)
+        return _cross_entropy(teacher_targets.unsqueeze(1), student, self.student_temp).mean()
+
+
+class IBOTPatchLoss(nn.Module):
+    """Masked image modelling on patch tokens (paper Eq. 2), and iBOT++ (TIPSv2) with ``all_tokens=True``.
+
+    Each image's loss is the mean over its supervised tokens and the batch loss the mean over images
+    (DINOv2 weights each masked token by 1 / masked count of its image). Supervised tokens are the masked
+    ones for iBOT; for iBOT++ they are all N tokens, so each token, visible or masked, weighs 1/N and the
+    visible tokens carry the fraction (1 - mask ratio) of the image's loss. An image with no supervised
+    token contributes 0 and still counts in the batch mean.
+    """
+
+    def __init__(self, num_prototypes: int, student_temp: float, center_momentum: float, all_tokens: bool) -> None:
+        super().__init__()
+        self.student_temp = student_temp
+        self.all_tokens = all_tokens
+        self.centering = ScoreCentering(num_prototypes, center_momentum)
+
+    def teacher_targets(self, teacher_patch_scores: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+        """teacher_patch_scores [B, N, K] (unmasked view) -> targets [B, N, K]; records all tokens for centering."""
+        targets = self.centering.probabilities(teacher_patch_scores, teacher_temp)
+        self.centering.accumulate(teacher_patch_scores)
+        return targets
+
+    def forward(
+        self, student_patch_scores: torch.Tensor, teacher_targets: torch.Tensor, patch_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """student_patch_scores [B, N, K] (masked view), teacher_targets [B, N, K], patch_mask bool [B, N]
+        (True = masked for the student) -> scalar."""
+        if student_patch_scores.shape != teacher_targets.shape or patch_mask.shape != student_patch_scores.shape[:2]:
+            raise ValueError(
+                f"IBOTPatchLoss expects student/teacher scores [B, N, K] and mask [B, N], got "
+                f"{tuple(student_patch_scores.shape)}, {tuple(teacher_targets.shape)}, {tuple(patch_mask.shape)}"
+            )
+        supervised = torch.ones_like(patch_mask) if self.all_tokens else patch_mask
+        weights = supervised.float() / supervised.sum(dim=-1, keepdim=True).clamp(min=1)
+        per_token = _cross_entropy(teacher_targets, student_patch_scores, self.student_temp)
+        return (per_token * weights).sum() / patch_mask.shape[0]
+
+
+class KoLeoLoss(nn.Module):
+    """Kozachenko-Leonenko entropy regulariser (DINOv2): -mean log distance of each l2-normalised
+    embedding to its nearest neighbour in the (local) batch."""
+
+    def __init__(self, eps: float = 1e-8) -> None:
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """embeddings [B, D], B >= 2 -> scalar."""
+        if embeddings.ndim != 2 or embeddings.shape[0] < 2:
+            raise ValueError(f"KoLeoLoss needs embeddings [B >= 2, D], got {tuple(embeddings.shape)}")
+        unit = F.normalize(embeddings.float(), dim=-1)
+        with torch.no_grad():
+            similarity = unit @ unit.T
+            similarity.fill_diagonal_(-2.0)
+            nearest = similarity.argmax(dim=1)
+        distance = (unit - unit[nearest]).norm(dim=-1)
+        return -torch.log(distance + self.eps).mean()
+
+
+def _require(term: str, **inputs: object) -> None:
+    missing = [name for name, value in inputs.items() if value is None]
+    if missing:
+        raise ValueError(f"TIPSLoss: the '{term}' term is enabled (weight > 0) but {', '.join(missing)} not given")
+
+
+class TIPSLoss(nn.Module):
+    """All terms of the recipe, switched on by a positive weight in ``LossCfg.weights``.
+
+    Parts are named ``clip_global``, ``clip_spatial``, ``dino``, ``ibot``, ``koleo``; ``total`` weighs them.
+    The contrastive parts take full-batch embeddings (see ``contrastive_accum``), the self-supervised
+    parts one micro-batch. ``step_centers`` must run once per optimiser step.
+    """
+
+    def __init__(self, cfg: LossCfg, num_prototypes: int) -> None:
+        super().__init__()
+        self.weights = {name: weight for name, weight in cfg.weights.as_dict().items() if weight > 0}
+        self.contrastive = ContrastiveLoss()
+        self.dino = DINOLoss(num_prototypes, cfg.student_temp, cfg.center_momentum) if DINO in self.weights else None
+        self.ibot = (
+            IBOTPatchLoss(num_prototypes, cfg.student_temp, cfg.center_momentum, cfg.ibot_all_tokens)
+            if IBOT in self.weights
+            else None
+        )
+        self.koleo = KoLeoLoss() if KOLEO in self.weights else None
+
+    def contrastive_parts(self, embeddings: Mapping[str, torch.Tensor], temperature: torch.Tensor) -> dict[str, torch.Tensor]:
+        """embeddings: ``global_cls`` / ``alt_text`` and ``spatial_cls`` / ``synthetic_text``, each [b, D]."""
+        pairs = {CLIP_GLOBAL: ("global_cls", "alt_text"), CLIP_SPATIAL: ("spatial_cls", "synthetic_text")}
+        return {
+            name: self.contrastive(embeddings[image_key], embeddings[text_key], temperature)
+            for name, (image_key, text_key) in pairs.items()
+            if name in self.weights
+        }
+
+    def self_supervised_parts(
+        self,
+        *,
+        student_local_scores: torch.Tensor | None = None,
+        teacher_global_scores: torch.Tensor | None = None,
+        dino_teacher_temp: float | None = None,
+        student_patch_scores: torch.Tensor | None = None,
+        teacher_patch_scores: torch.Tensor | None = None,
+        patch_mask: torch.Tensor | None = None,
+        ibot_teacher_temp: float | None = None,
+        student_cls: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Scores as documented in ``DINOLoss`` / ``IBOTPatchLoss``; student_cls [B, D] for KoLeo.
+        Inputs of a disabled term may be omitted; those of an enabled term are required."""
+        parts: dict[str, torch.Tensor] = {}
+        if self.dino is not None:
+            _require(DINO, student_local_scores=student_local_scores, teacher_global_scores=teacher_global_scores,
+                     dino_teacher_temp=dino_teacher_temp)
+            targets = self.dino.teacher_targets(teacher_global_scores, dino_teacher_temp)
+            parts[DINO] = self.dino(student_local_scores, targets)
+        if self.ibot is not None:
+            _require(IBOT, student_patch_scores=student_patch_scores, teacher_patch_scores=teacher_patch_scores,
+                     patch_mask=patch_mask, ibot_teacher_temp=ibot_teacher_temp)
+            targets = self.ibot.teacher_targets(teacher_patch_scores, ibot_teacher_temp)
+            parts[IBOT] = self.ibot(student_patch_scores, targets, patch_mask)
+        if self.koleo is not None:
+            _require(KOLEO, student_cls=student_cls)
+            parts[KOLEO] = self.koleo(student_cls)
+        return parts
+
+    def total(self, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Weighted sum of the given parts (every part must be an enabled term)."""
+        return sum(self.weights[name] * value for name, value in parts.items())
+
+    def step_centers(self) -> None:
+        for loss in (self.dino, self.ibot):
+            if loss is not None:
+                loss.centering.step()

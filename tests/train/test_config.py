@@ -1,0 +1,159 @@
+"""Typed configs: every shipped recipe loads, overrides are typed, bad keys and values are named."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from tipstorch.train.config import (
+    ConfigError,
+    LossWeights,
+    TrainCfg,
+    config_from_dict,
+    dump_config,
+    load_config,
+)
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+SHIPPED = sorted(CONFIGS.glob("*.yaml"))
+
+
+def write(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_the_expected_recipes_are_shipped():
+    names = {path.stem for path in SHIPPED}
+    assert {"tips_g14_paper", "tips_s14", "tips_b14", "tips_l14", "tips_so400m14", "tips_hr_finetune",
+            "distill_l14_from_g14", "clip_only", "tips", "tipsv2", "tiny_cpu"} <= names
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, TrainCfg) and cfg.name == path.stem
+
+
+def test_paper_config_carries_the_paper_numbers():
+    cfg = load_config(CONFIGS / "tips_g14_paper.yaml")
+    assert cfg.loss.weights == LossWeights(clip_global=0.5, clip_spatial=0.5, dino=1.0, ibot=2.0, koleo=0.0)
+    assert (cfg.loss.student_temp, cfg.loss.center_momentum) == (0.1, 0.9)
+    assert (cfg.optim.name, cfg.optim.lr) == ("adafactor", 5e-4)
+    assert (cfg.schedule.teacher_momentum_start, cfg.schedule.teacher_momentum_end) == (0.994, 1.0)
+    assert (cfg.schedule.ibot_teacher_temp_start, cfg.schedule.ibot_teacher_temp_end) == (0.04, 0.07)
+    assert (cfg.data.global_size, cfg.data.local_size, cfg.data.num_local_crops) == (224, 98, 6)
+    assert (cfg.heads.num_prototypes, cfg.data.mask_ratio, cfg.loop.batch_size) == (32768, 0.75, 16384)
+
+
+def test_ablation_variants_differ_only_in_recipe_switches():
+    tips, tipsv2 = load_config(CONFIGS / "tips.yaml"), load_config(CONFIGS / "tipsv2.yaml")
+    clip = load_config(CONFIGS / "clip_only.yaml")
+    assert (tips.loss.ibot_all_tokens, tips.teacher.mode, tips.data.caption_weights) == (False, "full", {"spatial": 1.0})
+    assert (tipsv2.loss.ibot_all_tokens, tipsv2.teacher.mode) == (True, "heads")
+    assert [w for w in dataclasses.asdict(clip.loss.weights).values() if w > 0] == [1.0]
+    assert tips.loop.steps == tipsv2.loop.steps == clip.loop.steps and tips.model == tipsv2.model == clip.model
+
+
+def test_set_overrides_are_parsed_with_yaml_scalar_types():
+    cfg = load_config(
+        CONFIGS / "tiny_cpu.yaml",
+        ["loop.steps=7", "optim.lr=3e-4", "loop.bf16=false", "model.init=null", "data.global_scale=[0.5, 1]",
+         "model.vision.depth=2"],
+    )
+    assert (cfg.loop.steps, cfg.optim.lr, cfg.loop.bf16, cfg.model.init) == (7, 3e-4, False, None)
+    assert cfg.data.global_scale == (0.5, 1.0) and cfg.model.vision == {"depth": 2}
+
+
+def test_unknown_key_names_the_key_and_the_file(tmp_path):
+    path = write(tmp_path, "bad.yaml", "loop:\n  stepz: 3\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml.*'loop\.stepz'"):
+        load_config(path)
+
+
+def test_unknown_key_in_a_base_names_the_base_file(tmp_path):
+    write(tmp_path, "parent.yaml", "optim:\n  momentum: 0.9\n")
+    child = write(tmp_path, "child.yaml", "base: parent.yaml\nloop:\n  steps: 3\n")
+    with pytest.raises(ConfigError, match=r"parent\.yaml.*'optim\.momentum'"):
+        load_config(child)
+
+
+def test_unknown_override_key_is_named():
+    with pytest.raises(ConfigError, match=r"--set loss\.weight\.dino.*'loss\.weight'"):
+        load_config(CONFIGS / "tiny_cpu.yaml", ["loss.weight.dino=1"])
+
+
+def test_override_without_equals_sign_is_an_error():
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(CONFIGS / "tiny_cpu.yaml", ["loop.steps"])
+
+
+def test_wrong_value_type_names_key_and_expected_type(tmp_path):
+    path = write(tmp_path, "typed.yaml", "loop:\n  steps: many\n")
+    with pytest.raises(ConfigError, match=r"typed\.yaml.*loop\.steps must be int, got 'many'"):
+        load_config(path)
+
+
+def test_literal_fields_accept_only_their_choices():
+    with pytest.raises(ConfigError, match=r"teacher\.mode must be one of \['full', 'heads', 'frozen'\]"):
+        load_config(CONFIGS / "tiny_cpu.yaml", ["teacher.mode=ema"])
+
+
+def test_exponent_without_dot_is_read_as_a_float(tmp_path):
+    path = write(tmp_path, "lr.yaml", "optim:\n  lr: 5e-4\n")
+    assert load_config(path).optim.lr == 5e-4
+
+
+def test_base_sections_merge_key_by_key_and_free_form_mappings_are_replaced(tmp_path):
+    write(tmp_path, "parent.yaml", "loop:\n  steps: 9\n  seed: 4\ndata:\n  caption_weights: {spatial: 0.5, detailed: 0.5}\n")
+    child = write(tmp_path, "child.yaml", "base: parent.yaml\nloop:\n  seed: 5\ndata:\n  caption_weights: {spatial: 1.0}\n")
+    cfg = load_config(child)
+    assert (cfg.loop.steps, cfg.loop.seed) == (9, 5)
+    assert cfg.data.caption_weights == {"spatial": 1.0}
+
+
+def test_base_cycle_is_reported(tmp_path):
+    write(tmp_path, "a.yaml", "base: b.yaml\n")
+    write(tmp_path, "b.yaml", "base: a.yaml\n")
+    with pytest.raises(ConfigError, match="loops back"):
+        load_config(tmp_path / "a.yaml")
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_dump_reads_back_to_an_equal_config(path, tmp_path):
+    cfg = load_config(path)
+    assert load_config(write(tmp_path, "dumped.yaml", dump_config(cfg))) == cfg
+
+
+def test_config_from_dict_rebuilds_a_saved_config():
+    cfg = load_config(CONFIGS / "tips.yaml")
+    assert config_from_dict(dataclasses.asdict(cfg)) == cfg
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("loop.accumulation_steps=5", "multiple of loop.accumulation_steps"),
+        ("teacher.mode=frozen", "teacher.frozen_model"),
+        ("loss.weights.dino=-1", "loss.weights must be >= 0"),
+        ("model.name=null", "registry name or explicit vision and text"),
+        ("data.num_local_crops=0", "needs local crops"),
+        ("data.mask_ratio=0", "supervises no token"),
+    ],
+)
+def test_inconsistent_settings_are_rejected(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(CONFIGS / "tips.yaml", [override])
+
+
+def test_model_names_and_fields_exist_in_the_registry():
+    registry = pytest.importorskip("tipstorch.models.registry", reason="models land on main")
+    vision_fields = {f.name for f in dataclasses.fields(registry.VisionConfig)}
+    text_fields = {f.name for f in dataclasses.fields(registry.TextConfig)}
+    for path in SHIPPED:
+        cfg = load_config(path)
+        assert cfg.model.name in registry.list_models(), path.name
+        assert set(cfg.model.vision) <= vision_fields and set(cfg.model.text) <= text_fields, path.name
+        if cfg.teacher.frozen_model is not None:
+            assert cfg.teacher.frozen_model in registry.list_models(pretrained=True), path.name

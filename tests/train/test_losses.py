@@ -1,0 +1,233 @@
+"""Each loss against a small case computed by hand."""
+
+import math
+
+import pytest
+import torch
+from train_fakes import tips_loss
+
+from tipstorch.train.losses import (
+    ContrastiveLoss,
+    DINOLoss,
+    IBOTPatchLoss,
+    KoLeoLoss,
+    ScoreCentering,
+)
+
+
+def ce(logits: list[float], target: int) -> float:
+    """-log softmax(logits)[target]."""
+    return -logits[target] + math.log(sum(math.exp(value) for value in logits))
+
+
+def soft_ce(teacher: list[float], logits: list[float]) -> float:
+    """-sum_k t_k log softmax(logits)_k."""
+    return sum(t * ce(logits, k) for k, t in enumerate(teacher))
+
+
+def softmax(values: list[float]) -> list[float]:
+    total = sum(math.exp(v) for v in values)
+    return [math.exp(v) / total for v in values]
+
+
+# ------------------------------------------------------------------------------------------ contrastive
+
+
+def test_contrastive_loss_matches_2x2_hand_computation():
+    image = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    text = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+    # cosines [[1, 0.6], [0, 0.8]] / temperature 0.5 -> logits [[2, 1.2], [0, 1.6]]
+    image_to_text = (ce([2.0, 1.2], 0) + ce([0.0, 1.6], 1)) / 2
+    text_to_image = (ce([2.0, 0.0], 0) + ce([1.2, 1.6], 1)) / 2
+    expected = (image_to_text + text_to_image) / 2
+    loss = ContrastiveLoss()(image, text, torch.tensor(0.5))
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_contrastive_loss_uses_cosine_not_raw_dot_product():
+    image, text = torch.randn(3, 4), torch.randn(3, 4)
+    loss = ContrastiveLoss()
+    scaled = loss(image * 7.0, text * 0.3, torch.tensor(0.1))
+    assert scaled.item() == pytest.approx(loss(image, text, torch.tensor(0.1)).item(), rel=1e-5)
+
+
+def test_contrastive_loss_gives_temperature_a_gradient():
+    temperature = torch.tensor(0.2, requires_grad=True)
+    ContrastiveLoss()(torch.randn(4, 8), torch.randn(4, 8), temperature).backward()
+    assert temperature.grad is not None and temperature.grad.abs().item() > 0
+
+
+def test_contrastive_loss_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match=r"\[b, D\].*\(3, 4\).*\(2, 4\)"):
+        ContrastiveLoss()(torch.randn(3, 4), torch.randn(2, 4), torch.tensor(0.1))
+
+
+# ------------------------------------------------------------------------------------------ centering
+
+
+def test_centering_is_ema_of_batch_means_with_momentum():
+    centering = ScoreCentering(num_prototypes=2, momentum=0.9)
+    centering.accumulate(torch.tensor([[1.0, 3.0], [3.0, 5.0]]))  # mean [2, 4]
+    centering.step()
+    assert centering.center.tolist() == pytest.approx([0.2, 0.4])
+    centering.accumulate(torch.tensor([[2.0, 4.0]]))
+    centering.step()
+    assert centering.center.tolist() == pytest.approx([0.9 * 0.2 + 0.1 * 2.0, 0.9 * 0.4 + 0.1 * 4.0])
+
+
+def test_centering_weighs_every_row_of_all_accumulated_micro_batches_equally():
+    centering = ScoreCentering(num_prototypes=1, momentum=0.0)
+    centering.accumulate(torch.tensor([[1.0], [2.0], [3.0]]))
+    centering.accumulate(torch.tensor([[10.0]]))
+    centering.step()
+    assert centering.center.item() == pytest.approx(4.0)
+
+
+def test_centering_probabilities_subtract_centre_then_sharpen():
+    centering = ScoreCentering(num_prototypes=2, momentum=0.9)
+    centering.center.copy_(torch.tensor([0.5, -0.5]))
+    probs = centering.probabilities(torch.tensor([[1.0, 0.0]]), teacher_temp=0.5)
+    assert probs[0].tolist() == pytest.approx(softmax([(1.0 - 0.5) / 0.5, (0.0 + 0.5) / 0.5]))
+
+
+def test_centre_is_a_state_dict_buffer():
+    loss = DINOLoss(num_prototypes=3, student_temp=0.1, center_momentum=0.9)
+    loss.centering.center.fill_(0.25)
+    restored = DINOLoss(num_prototypes=3, student_temp=0.1, center_momentum=0.9)
+    restored.load_state_dict(loss.state_dict())
+    assert restored.centering.center.tolist() == [0.25, 0.25, 0.25]
+
+
+# ------------------------------------------------------------------------------------------ DINO
+
+
+def test_dino_loss_matches_hand_computation_for_two_local_crops():
+    loss = DINOLoss(num_prototypes=2, student_temp=0.5, center_momentum=0.9)
+    targets = loss.teacher_targets(torch.tensor([[1.0, 0.0]]), teacher_temp=0.5)  # centre 0
+    teacher = softmax([2.0, 0.0])
+    student = torch.tensor([[0.0, 1.0], [1.0, 1.0]])  # B=1, M=2; / 0.5 -> [0, 2], [2, 2]
+    expected = (soft_ce(teacher, [0.0, 2.0]) + soft_ce(teacher, [2.0, 2.0])) / 2
+    assert loss(student, targets).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_dino_loss_pairs_each_local_crop_with_its_own_image():
+    loss = DINOLoss(num_prototypes=2, student_temp=1.0, center_momentum=0.9)
+    targets = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # B=2 one-hot targets
+    student = torch.tensor([[3.0, 0.0], [1.0, 0.0], [0.0, 2.0], [0.0, 0.0]])  # image-major, M=2
+    expected = (ce([3.0, 0.0], 0) + ce([1.0, 0.0], 0) + ce([0.0, 2.0], 1) + ce([0.0, 0.0], 1)) / 4
+    assert loss(student, targets).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_dino_teacher_targets_record_scores_for_the_next_centre():
+    loss = DINOLoss(num_prototypes=2, student_temp=0.1, center_momentum=0.5)
+    loss.teacher_targets(torch.tensor([[2.0, 4.0]]), teacher_temp=0.07)
+    assert loss.centering.center.tolist() == [0.0, 0.0]
+    loss.centering.step()
+    assert loss.centering.center.tolist() == pytest.approx([1.0, 2.0])
+
+
+def test_dino_loss_rejects_crop_count_not_multiple_of_batch():
+    loss = DINOLoss(num_prototypes=2, student_temp=0.1, center_momentum=0.9)
+    with pytest.raises(ValueError, match="B=2"):
+        loss(torch.randn(3, 2), torch.rand(2, 2))
+
+
+# ------------------------------------------------------------------------------------------ iBOT
+
+
+def _patch_case():
+    teacher = torch.tensor([[[0.9, 0.1], [0.2, 0.8]], [[0.5, 0.5], [0.3, 0.7]]])  # B=2, N=2, K=2
+    student = torch.tensor([[[1.0, 0.0], [0.0, 2.0]], [[2.0, 1.0], [0.5, 0.0]]])
+    per_token = [[soft_ce(teacher[b, n].tolist(), student[b, n].tolist()) for n in range(2)] for b in range(2)]
+    return teacher, student, per_token
+
+
+def test_ibot_loss_averages_masked_tokens_per_image_then_images():
+    teacher, student, token = _patch_case()
+    mask = torch.tensor([[True, False], [True, True]])
+    expected = (token[0][0] / 1 + (token[1][0] + token[1][1]) / 2) / 2
+    loss = IBOTPatchLoss(2, student_temp=1.0, center_momentum=0.9, all_tokens=False)
+    assert loss(student, teacher, mask).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_ibot_image_without_masked_tokens_adds_zero_but_counts_in_mean():
+    teacher, student, token = _patch_case()
+    mask = torch.tensor([[False, False], [True, False]])
+    loss = IBOTPatchLoss(2, student_temp=1.0, center_momentum=0.9, all_tokens=False)
+    assert loss(student, teacher, mask).item() == pytest.approx(token[1][0] / 2, rel=1e-6)
+
+
+def test_ibot_plus_plus_averages_all_tokens_of_each_image():
+    teacher, student, token = _patch_case()
+    mask = torch.tensor([[True, False], [False, False]])
+    expected = ((token[0][0] + token[0][1]) / 2 + (token[1][0] + token[1][1]) / 2) / 2
+    loss = IBOTPatchLoss(2, student_temp=1.0, center_momentum=0.9, all_tokens=True)
+    assert loss(student, teacher, mask).item() == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("all_tokens", [False, True])
+def test_visible_tokens_get_gradient_only_with_ibot_plus_plus(all_tokens):
+    teacher, student, _ = _patch_case()
+    student.requires_grad_(True)
+    mask = torch.tensor([[True, False], [True, False]])
+    IBOTPatchLoss(2, student_temp=0.1, center_momentum=0.9, all_tokens=all_tokens)(student, teacher, mask).backward()
+    visible_grad = student.grad[:, 1].abs().sum().item()
+    assert (visible_grad > 0) == all_tokens
+    assert student.grad[:, 0].abs().sum().item() > 0
+
+
+# ------------------------------------------------------------------------------------------ KoLeo
+
+
+def test_koleo_matches_nearest_neighbour_distances_by_hand():
+    angles = [0.0, math.pi / 3, math.pi]  # chord lengths: 0-60deg = 1, 60-180deg = sqrt(3), 0-180deg = 2
+    points = torch.tensor([[math.cos(a), math.sin(a)] for a in angles]) * torch.tensor([[2.0], [0.5], [3.0]])
+    expected = -(math.log(1.0) + math.log(1.0) + math.log(math.sqrt(3.0))) / 3
+    assert KoLeoLoss()(points).item() == pytest.approx(expected, abs=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ TIPSLoss
+
+
+def test_total_weighs_parts_as_in_the_paper():
+    loss = tips_loss()
+    parts = {name: torch.tensor(value) for name, value in
+             {"clip_global": 1.0, "clip_spatial": 3.0, "dino": 5.0, "ibot": 7.0}.items()}
+    assert loss.total(parts).item() == pytest.approx(0.5 * (1.0 + 3.0) + 1.0 * 5.0 + 2.0 * 7.0)
+
+
+def test_clip_only_config_builds_no_self_supervised_terms():
+    loss = tips_loss(clip_global=1.0, clip_spatial=0.0, dino=0.0, ibot=0.0)
+    assert loss.dino is None and loss.ibot is None and loss.koleo is None
+    embeddings = {"global_cls": torch.randn(3, 4), "alt_text": torch.randn(3, 4)}
+    assert set(loss.contrastive_parts(embeddings, torch.tensor(0.1))) == {"clip_global"}
+    assert loss.self_supervised_parts() == {}
+
+
+def test_dual_contrastive_pairs_global_cls_with_alt_text_and_spatial_cls_with_synthetic_text():
+    loss = tips_loss(dino=0.0, ibot=0.0)
+    embeddings = {key: torch.randn(3, 4) for key in ("global_cls", "alt_text", "spatial_cls", "synthetic_text")}
+    parts = loss.contrastive_parts(embeddings, torch.tensor(0.1))
+    single = ContrastiveLoss()
+    assert parts["clip_global"].item() == pytest.approx(
+        single(embeddings["global_cls"], embeddings["alt_text"], torch.tensor(0.1)).item())
+    assert parts["clip_spatial"].item() == pytest.approx(
+        single(embeddings["spatial_cls"], embeddings["synthetic_text"], torch.tensor(0.1)).item())
+
+
+def test_enabled_term_without_its_inputs_is_a_clear_error():
+    with pytest.raises(ValueError, match="'dino' term is enabled.*teacher_global_scores"):
+        tips_loss().self_supervised_parts(student_local_scores=torch.randn(2, 32), dino_teacher_temp=0.07)
+
+
+def test_step_centers_updates_both_centres_once():
+    loss = tips_loss(prototypes=2)
+    loss.self_supervised_parts(
+        student_local_scores=torch.zeros(2, 2), teacher_global_scores=torch.tensor([[1.0, 0.0]]),
+        dino_teacher_temp=0.07, student_patch_scores=torch.zeros(1, 1, 2),
+        teacher_patch_scores=torch.tensor([[[0.0, 2.0]]]), patch_mask=torch.tensor([[True]]),
+        ibot_teacher_temp=0.04,
+    )
+    loss.step_centers()
+    assert loss.dino.centering.center.tolist() == pytest.approx([0.1, 0.0])
+    assert loss.ibot.centering.center.tolist() == pytest.approx([0.0, 0.2])
