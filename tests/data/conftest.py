@@ -29,5 +29,10 @@ class SentencePieceTokenize:
 
 
 @pytest.fixture(scope="session")
+def scenes_tokenizer_file() -> Path:
+    return SCENES_TOKENIZER
+
+
+@pytest.fixture(scope="session")
 def tokenize() -> SentencePieceTokenize:
     return SentencePieceTokenize(SCENES_TOKENIZER)

@@ -132,8 +132,10 @@ def sample_crop_box(
 
 
 def resized_crop(image: Image.Image, box: CropBox, size: int, flip: bool = False) -> Image.Image:
-    """Crop ``box`` out of ``image`` and resize it to size x size (PIL bilinear), mirrored if ``flip``."""
-    out = image.resize((size, size), Image.BILINEAR, box=(box.left, box.top, box.left + box.width, box.top + box.height))
+    """Crop ``box`` out of ``image``, then resize it to size x size (PIL bilinear), mirrored if ``flip``
+    (as torchvision's RandomResizedCrop: the resampling filter sees only the cropped pixels)."""
+    cropped = image.crop((box.left, box.top, box.left + box.width, box.top + box.height))
+    out = cropped.resize((size, size), Image.BILINEAR)
     return out.transpose(Image.FLIP_LEFT_RIGHT) if flip else out
 
 
