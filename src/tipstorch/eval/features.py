@@ -125,3 +125,39 @@ def embed_texts(encode_text: TextEncoder, tokenizer: Tokenizer, texts: Sequence[
         for start in range(0, len(texts), batch_size)
     ]
     return torch.cat(chunks)
+
+
+def patch_features_encoder(encode_image: Callable[[torch.Tensor], Any]) -> ImageEncoder:
+    """Encoder for the linear dense probes: images -> (patch_tokens [B, h, w, D], spatial_cls [B, D]).
+
+    ``encode_image`` returns ImageFeatures (e.g. ``model.encode_image``); the result feeds
+    ``tipstorch.eval.probes.PatchFeatures(*extracted.features)``.
+    """
+
+    def encode(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = encode_image(images)
+        return features.patch_tokens, features.spatial_cls
+
+    return encode
+
+
+def intermediates_encoder(vit: Any, indices: Sequence[int]) -> ImageEncoder:
+    """Encoder for the DPT probes: images -> (patch_maps [B, L, D, h, w], prefixes [B, L, 2, D]).
+
+    Uses ``vit.forward_intermediates(images, indices, norm=True, output_fmt="NCHW",
+    return_prefix_tokens=True, intermediates_only=True)``; the result feeds
+    ``tipstorch.eval.probes.IntermediateFeatures(*extracted.features)``.
+    """
+
+    def encode(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        layers = vit.forward_intermediates(
+            images,
+            indices=list(indices),
+            norm=True,
+            output_fmt="NCHW",
+            return_prefix_tokens=True,
+            intermediates_only=True,
+        )
+        return torch.stack([m for m, _ in layers], dim=1), torch.stack([p for _, p in layers], dim=1)
+
+    return encode
