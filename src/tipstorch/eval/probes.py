@@ -222,9 +222,9 @@ def angular_loss(normals: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(frozen=True)
 class ProbeOptimConfig:
-    """AdamW with linear warm-up, then linear ("poly", power 1) decay to zero."""
+    """AdamW with linear warm-up, then linear ("poly", power 1) decay to zero (immutable: use ``scaled``/``replace``)."""
 
     iterations: int
     batch_size: int
