@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import tipstorch
-from conftest import tiny_config
-from official_reference import official_text_arrays, official_vision_arrays
+from tests.helpers import tiny_config
+from tests.official_reference import official_text_arrays, official_vision_arrays
 from tipstorch import hub
 from tipstorch.models import registry
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import tipstorch
-from conftest import randomize, tiny_config
+from tests.helpers import randomize, tiny_config
 from tipstorch.models.tips import TIPSModel
 from tipstorch.models.vit import resample_pos_embed
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import tipstorch
-from official_reference import (
+from tests.official_reference import (
     official_image_forward,
     official_text_arrays,
     official_text_forward,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import tipstorch
-from conftest import randomize, tiny_config
+from tests.helpers import randomize, tiny_config
 from tipstorch.checkpoints import save_transformers
 from tipstorch.models.registry import get_model_spec, list_models
 from tipstorch.models.tips import TIPSModel

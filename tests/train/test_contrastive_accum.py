@@ -4,8 +4,8 @@ import copy
 
 import pytest
 import torch
-from train_fakes import contrastive_embeddings, make_batch, make_student, tips_forward, tips_loss
 
+from tests.train.train_fakes import contrastive_embeddings, make_batch, make_student, tips_forward, tips_loss
 from tipstorch.train.contrastive_accum import accumulate_gradients, scale_gradient, splice, split_batch
 from tipstorch.train.teacher import EMATeacher
 

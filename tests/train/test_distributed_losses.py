@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from train_fakes import contrastive_embeddings, make_batch, make_student, tips_forward, tips_loss
 
+from tests.train.train_fakes import contrastive_embeddings, make_batch, make_student, tips_forward, tips_loss
 from tipstorch.train.contrastive_accum import accumulate_gradients, split_batch
 from tipstorch.train.losses import ContrastiveLoss, ScoreCentering
 from tipstorch.train.teacher import EMATeacher

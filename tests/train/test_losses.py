@@ -4,8 +4,8 @@ import math
 
 import pytest
 import torch
-from train_fakes import tips_loss
 
+from tests.train.train_fakes import tips_loss
 from tipstorch.train.losses import (
     ContrastiveLoss,
     DINOLoss,

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from train_fakes import contrastive_embeddings, make_batch, make_student, tips_forward
 
+from tests.train.train_fakes import contrastive_embeddings, make_batch, make_student, tips_forward
 from tipstorch.train.config import LossCfg, LossWeights, OptimCfg, ScheduleCfg
 from tipstorch.train.contrastive_accum import accumulate_gradients, split_batch
 from tipstorch.train.losses import TIPSLoss

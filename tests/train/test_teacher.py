@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from train_fakes import FakeStudent, make_batch, make_student, tips_forward, tips_loss
 
+from tests.train.train_fakes import FakeStudent, make_batch, make_student, tips_forward, tips_loss
 from tipstorch.train.teacher import EMATeacher, FrozenTeacher
 
 
