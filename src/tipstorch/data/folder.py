@@ -64,12 +64,17 @@ def _read_rows(path: Path) -> Iterator[tuple[str, Mapping[str, object] | Excepti
                     continue
                 try:
                     row = json.loads(line)
-                    yield f"{path}:{number}", row if isinstance(row, dict) else ValueError("not a json object")
+                    yield (
+                        f"{path}:{number}",
+                        row if isinstance(row, dict) else ValueError("not a json object"),
+                    )
                 except json.JSONDecodeError as exn:
                     yield f"{path}:{number}", exn
     elif suffix in (".csv", ".tsv"):
         with path.open(encoding="utf-8", newline="") as table:
-            for number, row in enumerate(csv.DictReader(table, delimiter="\t" if suffix == ".tsv" else ","), start=2):
+            for number, row in enumerate(
+                csv.DictReader(table, delimiter="\t" if suffix == ".tsv" else ","), start=2
+            ):
                 yield f"{path}:{number}", row
     else:
         raise ValueError(f"captions file must be .jsonl, .csv or .tsv, got {path}")

@@ -95,6 +95,8 @@ class ScenesConfig:
     """How scenes are drawn. All lengths except ``view_width_m`` are resolution-free.
 
     image_size: side of square images, or (H, W).
+    min_objects / max_objects: how many objects are drawn; an object hidden by nearer ones beyond
+        ``min_visible_fraction`` is left out, so a scene may show fewer.
     object_radius: range of object radii as fractions of the short image side.
     min_visible_fraction: objects less visible than this (after occlusion) are left out.
     view_width_m: metres spanned by the image width (orthographic camera).
@@ -123,11 +125,17 @@ class ScenesConfig:
             )
         low, high = self.object_radius
         if not 0.0 < low <= high <= 0.5:
-            raise ValueError(f"ScenesConfig.object_radius must satisfy 0 < low <= high <= 0.5, got {self.object_radius}")
+            raise ValueError(
+                f"ScenesConfig.object_radius must satisfy 0 < low <= high <= 0.5, got {self.object_radius}"
+            )
         if not 0.0 <= self.min_visible_fraction <= 1.0:
-            raise ValueError(f"ScenesConfig.min_visible_fraction must be in [0, 1], got {self.min_visible_fraction}")
+            raise ValueError(
+                f"ScenesConfig.min_visible_fraction must be in [0, 1], got {self.min_visible_fraction}"
+            )
         if max(self.floor_depth_bottom) >= min(self.floor_depth_top):
-            raise ValueError("ScenesConfig: the floor must be farther at the top (floor_depth_top > floor_depth_bottom)")
+            raise ValueError(
+                "ScenesConfig: the floor must be farther at the top (floor_depth_top > floor_depth_bottom)"
+            )
 
     @property
     def size(self) -> tuple[int, int]:
@@ -394,7 +402,9 @@ class ScenesStream(torch.utils.data.IterableDataset):
             index += slots
 
 
-def _draw_floor(rng: np.random.Generator, height: int, width: int, pixel_size: float, cfg: ScenesConfig) -> dict:
+def _draw_floor(
+    rng: np.random.Generator, height: int, width: int, pixel_size: float, cfg: ScenesConfig
+) -> dict:
     """Floor plane: image float32 [H, W, 3], row_depth float32 [H] (m), normal float32 [3]."""
     name, rgb = FLOOR_COLOURS[rng.integers(len(FLOOR_COLOURS))]
     texture = FLOOR_TEXTURES[rng.integers(len(FLOOR_TEXTURES))]
@@ -428,8 +438,9 @@ def _draw_objects(rng: np.random.Generator, height: int, width: int, cfg: Scenes
     unit = min(height, width)
     count = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
     used: set[tuple[str, str]] = set()
+    pairs = len(SHAPES) * len({c.name for c in OBJECT_COLOURS})
     placed: list[_Placed] = []
-    while len(placed) < count:
+    while len(placed) < count and len(used) < pairs:
         shape = SHAPES[rng.integers(len(SHAPES))]
         colour = OBJECT_COLOURS[rng.integers(len(OBJECT_COLOURS))]
         if (colour.name, shape) in used:
@@ -501,7 +512,9 @@ def _assign_depths(placed: list[_Placed], row_depth: np.ndarray, pixel_size: flo
         highest = float(obj.height[obj.inside].max())
         for farther in kept:
             if _overlap(obj, farther):
-                farther_front = farther.depth - farther.radius * pixel_size * float(farther.height[farther.inside].max())
+                farther_front = farther.depth - farther.radius * pixel_size * float(
+                    farther.height[farther.inside].max()
+                )
                 obj.depth = min(obj.depth, farther_front - _DEPTH_MARGIN_M + radius_m * lowest)
         if obj.depth - radius_m * highest >= 0.5:
             kept.append(obj)

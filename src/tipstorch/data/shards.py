@@ -69,6 +69,10 @@ def encode_image(image: Image.Image, image_format: str, quality: int = 95) -> by
 
 def _record(sample: SceneSample, key: str, image_format: str, quality: int) -> dict[str, object]:
     meta: dict[str, object] = dict(available_captions(sample.captions))
+    if not meta:
+        raise ValueError(
+            f"sample {key!r} has no caption among {CAPTION_SOURCES} (has {sorted(sample.captions)})"
+        )
     if sample.label is not None:
         meta["label"] = int(sample.label)
     return {
@@ -242,6 +246,10 @@ class ShardDataset(torch.utils.data.IterableDataset):
 
     def __iter__(self) -> Iterator[SceneSample]:
         slot, _ = consumer_slot(self.rank, self.world_size)
-        records = wds.tariterators.tarfile_samples(({"url": u} for u in self._my_shards()), handler=self._on_shard_error)
+        records = wds.tariterators.tarfile_samples(
+            ({"url": u} for u in self._my_shards()), handler=self._on_shard_error
+        )
         samples = (s for s in map(self._decode, records) if s is not None)
-        yield from _shuffle_buffer(samples, self.shuffle_buffer, random.Random(f"{self.seed}:{self.epoch}:{slot}"))
+        yield from _shuffle_buffer(
+            samples, self.shuffle_buffer, random.Random(f"{self.seed}:{self.epoch}:{slot}")
+        )
