@@ -27,7 +27,7 @@ from PIL import Image
 
 from tipstorch.data.captions import CAPTION_SOURCES, available_captions
 from tipstorch.data.scenes import SceneSample
-from tipstorch.data.streams import ReadStats, consumer_slot, split_for_consumer
+from tipstorch.data.streams import ReadStats, consumer_slot, epoch_share
 
 IMAGE_FORMATS: dict[str, str] = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
 IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
@@ -210,10 +210,9 @@ class ShardDataset(torch.utils.data.IterableDataset):
             rng = random.Random(f"{self.seed}:{self.epoch}:{slot}:shards")
             while True:
                 yield rng.choice(self.shards)
-        shards = list(self.shards)
-        if self.shuffle_shards:
-            random.Random(f"{self.seed}:{self.epoch}").shuffle(shards)
-        yield from split_for_consumer(shards, self.rank, self.world_size)
+        yield from epoch_share(
+            self.shards, self.shuffle_shards, self.seed, self.epoch, self.rank, self.world_size
+        )
 
     def _on_shard_error(self, exn: Exception) -> bool:
         self.stats.record_skip(str(exn.args[-1]) if exn.args else "?", f"unreadable shard data: {exn}")
