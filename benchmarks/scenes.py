@@ -56,7 +56,9 @@ def ms_per_training_sample(samples: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--samples", type=int, default=300, help="scenes per resolution")
     parser.add_argument("--shard-samples", type=int, default=400)
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
@@ -74,8 +76,12 @@ def main() -> None:
     print(f"scenes 224x224: {results['scenes_ms_per_sample_224']:.2f} ms/sample (1 core)")
     print(f"scenes 448x448: {results['scenes_ms_per_sample_448']:.2f} ms/sample (1 core)")
     read = results["shard_read"]
-    print(f"shard read (224 jpg, decode + shuffle buffer): {read['samples_per_s']:.0f} samples/s, {read['mb_per_s']:.1f} MB/s")
-    print(f"multi-crop collate (224 + 6x98 + mask): {results['collate_ms_per_sample_224_6x98']:.2f} ms/sample")
+    print(
+        f"shard read (224 jpg, decode + shuffle buffer): {read['samples_per_s']:.0f} samples/s, {read['mb_per_s']:.1f} MB/s"
+    )
+    print(
+        f"multi-crop collate (224 + 6x98 + mask): {results['collate_ms_per_sample_224_6x98']:.2f} ms/sample"
+    )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
 

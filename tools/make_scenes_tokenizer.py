@@ -26,14 +26,20 @@ def caption_corpus(samples: int, seed: int) -> list[str]:
     dataset = ScenesDataset(ScenesConfig(image_size=32, seed=seed))
     lines = [text.lower() for i in range(samples) for text in dataset.sample(i).captions.values()]
     words = [*ALT_DISTRACTORS, *RELATIONS, *(w for ws in SHAPE_SYNONYMS.values() for w in ws)]
-    words += [c.name for c in OBJECT_COLOURS] + [c.shade for c in OBJECT_COLOURS] + [n for n, _ in FLOOR_COLOURS]
+    words += (
+        [c.name for c in OBJECT_COLOURS] + [c.shade for c in OBJECT_COLOURS] + [n for n, _ in FLOOR_COLOURS]
+    )
     return lines + words
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--samples", type=int, default=8000)
-    parser.add_argument("--seed", type=int, default=12345, help="scenes seed of the corpus (not a training seed)")
+    parser.add_argument(
+        "--seed", type=int, default=12345, help="scenes seed of the corpus (not a training seed)"
+    )
     parser.add_argument("--vocab-size", type=int, default=512)
     parser.add_argument("--out", type=Path, default=Path("src/tipstorch/assets/scenes_tokenizer.model"))
     args = parser.parse_args()

@@ -30,7 +30,9 @@ def test_flip_caption_twice_is_the_identity():
 
 
 def test_available_captions_keeps_known_nonempty_text_fields():
-    assert available_captions({"alt": "x", "spatial": " ", "detailed": None, "other": "y", "caption": "z"}) == {
+    assert available_captions(
+        {"alt": "x", "spatial": " ", "detailed": None, "other": "y", "caption": "z"}
+    ) == {
         "alt": "x",
         "caption": "z",
     }

@@ -59,7 +59,9 @@ def test_tokens_encode_the_drawn_captions(tokenize):
 
 
 def test_synthetic_sources_follow_the_weights_and_alt_uses_alt(tokenize):
-    config = MultiCropConfig(num_local_crops=0, global_size=28, caption_weights={"object": 1.0, "detailed": 3.0})
+    config = MultiCropConfig(
+        num_local_crops=0, global_size=28, caption_weights={"object": 1.0, "detailed": 3.0}
+    )
     collate = MultiCropCollate(config, tokenize, torch.Generator().manual_seed(0))
     samples = _scenes(4, size=32) * 50
     batch = collate(samples)
@@ -79,7 +81,9 @@ def test_flipped_samples_get_mirrored_images_and_captions(tokenize):
     gradient = batch["global_crop"][:, 0, 0, -1] - batch["global_crop"][:, 0, 0, 0]
     assert ((gradient < 0) == flipped).all()
     for is_flipped, alt, synthetic in zip(flipped, batch["alt_text"], batch["synthetic_text"], strict=True):
-        assert synthetic == ("a star to the right of a ring" if is_flipped else "a star to the left of a ring")
+        assert synthetic == (
+            "a star to the right of a ring" if is_flipped else "a star to the left of a ring"
+        )
         assert alt == ("right thing" if is_flipped else "left thing")
 
 
@@ -99,12 +103,16 @@ def test_same_generator_seed_gives_the_same_batch(tokenize):
 
 def test_web_samples_without_synthetic_captions_fall_back_to_their_caption(tokenize):
     sample = Pair(Image.new("RGB", (40, 30)), {"caption": "a dog on a sofa"})
-    batch = MultiCropCollate(MultiCropConfig(global_size=28, num_local_crops=0, flip=False), tokenize)([sample])
+    batch = MultiCropCollate(MultiCropConfig(global_size=28, num_local_crops=0, flip=False), tokenize)(
+        [sample]
+    )
     assert batch["alt_text"] == ["a dog on a sofa"] and batch["synthetic_source"] == ["caption"]
 
 
 def test_wrong_tokenizer_output_is_reported_with_the_expected_shape():
-    collate = MultiCropCollate(MultiCropConfig(global_size=28, num_local_crops=0), lambda texts: torch.zeros(1, 77))
+    collate = MultiCropCollate(
+        MultiCropConfig(global_size=28, num_local_crops=0), lambda texts: torch.zeros(1, 77)
+    )
     with pytest.raises(ValueError, match=r"LongTensor \[2, 64\], got \(1, 77\)"):
         collate(_scenes(2, size=32))
 

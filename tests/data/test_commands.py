@@ -52,12 +52,34 @@ def test_source_is_required_and_exclusive(tmp_path):
     with pytest.raises(SystemExit):
         _run(["data", "write-shards", "--out", str(tmp_path)])
     with pytest.raises(SystemExit):
-        _run(["data", "write-shards", "--from", "scenes", "--from-folder", str(tmp_path), "--out", str(tmp_path)])
+        _run(
+            [
+                "data",
+                "write-shards",
+                "--from",
+                "scenes",
+                "--from-folder",
+                str(tmp_path),
+                "--out",
+                str(tmp_path),
+            ]
+        )
 
 
 def test_bad_rename_is_reported(tmp_path):
     with pytest.raises(SystemExit, match="FIELD=SOURCE"):
-        _run(["data", "write-shards", "--from-folder", str(tmp_path), "--rename", "title", "--out", str(tmp_path)])
+        _run(
+            [
+                "data",
+                "write-shards",
+                "--from-folder",
+                str(tmp_path),
+                "--rename",
+                "title",
+                "--out",
+                str(tmp_path),
+            ]
+        )
 
 
 def test_run_data_is_the_dispatch_function():

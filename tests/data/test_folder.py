@@ -59,7 +59,9 @@ def test_sidecar_json_and_txt_files_give_the_captions(tmp_path):
 def test_corrupt_and_missing_images_are_skipped_counted_and_logged(tmp_path, caplog):
     _images(tmp_path, ["good.png"])
     (tmp_path / "bad.jpg").write_bytes(b"definitely not a jpeg")
-    rows = [{"image": n, "caption": "c"} for n in ("bad.jpg", "good.png", "gone.png")] + [{"caption": "no image"}]
+    rows = [{"image": n, "caption": "c"} for n in ("bad.jpg", "good.png", "gone.png")] + [
+        {"caption": "no image"}
+    ]
     (tmp_path / "c.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n{broken json\n")
     with caplog.at_level(logging.WARNING, logger="tipstorch.data"):
         dataset = FolderDataset(tmp_path, tmp_path / "c.jsonl")

@@ -15,7 +15,9 @@ SIZE = 96
 SAMPLES = [ScenesDataset(ScenesConfig(image_size=SIZE, seed=11)).sample(i) for i in range(150)]
 RELATION = "|".join(RELATIONS)
 SPATIAL_CLAUSE = re.compile(rf"an? (\w+) (\w+) is ({RELATION}) the (\w+) (\w+)\.", re.IGNORECASE)
-DETAILED_CLAUSE = re.compile(rf"(\w+) (\w+) (?:in|at|on) the [\w ]+?, ({RELATION}) the (\w+) (\w+)\.", re.IGNORECASE)
+DETAILED_CLAUSE = re.compile(
+    rf"(\w+) (\w+) (?:in|at|on) the [\w ]+?, ({RELATION}) the (\w+) (\w+)\.", re.IGNORECASE
+)
 POSITION = re.compile(
     r"(\w+) (\w+) (in the top left|at the top|in the top right|on the left|in the centre|on the right|"
     r"in the bottom left|at the bottom|in the bottom right)\b",
@@ -91,12 +93,17 @@ def _check_positions(sample: SceneSample, text: str, instance_mask) -> int:
 
 
 def test_spatial_relations_hold_in_the_masks_and_depth():
-    stated = sum(_check_relations(s, s.captions["spatial"], SPATIAL_CLAUSE, s.instance_mask, s.depth) for s in SAMPLES)
+    stated = sum(
+        _check_relations(s, s.captions["spatial"], SPATIAL_CLAUSE, s.instance_mask, s.depth) for s in SAMPLES
+    )
     assert stated > 100
 
 
 def test_detailed_relations_hold_in_the_masks_and_depth():
-    stated = sum(_check_relations(s, s.captions["detailed"], DETAILED_CLAUSE, s.instance_mask, s.depth) for s in SAMPLES)
+    stated = sum(
+        _check_relations(s, s.captions["detailed"], DETAILED_CLAUSE, s.instance_mask, s.depth)
+        for s in SAMPLES
+    )
     assert stated > 100
 
 
@@ -106,7 +113,10 @@ def test_every_relation_kind_is_used():
 
 
 def test_positions_in_captions_match_the_centroids():
-    stated = sum(_check_positions(s, s.captions["spatial"] + " " + s.captions["detailed"], s.instance_mask) for s in SAMPLES)
+    stated = sum(
+        _check_positions(s, s.captions["spatial"] + " " + s.captions["detailed"], s.instance_mask)
+        for s in SAMPLES
+    )
     assert stated > 200
 
 
@@ -143,7 +153,9 @@ def test_object_caption_lists_exactly_the_visible_objects_with_their_shapes():
 
 
 def test_colour_words_match_the_pixel_chromaticity():
-    chroma = np.array([c.rgb for c in OBJECT_COLOURS]) / np.array([c.rgb for c in OBJECT_COLOURS]).sum(1, keepdims=True)
+    chroma = np.array([c.rgb for c in OBJECT_COLOURS]) / np.array([c.rgb for c in OBJECT_COLOURS]).sum(
+        1, keepdims=True
+    )
     for s in SAMPLES[:60]:
         pixels = np.asarray(s.image, dtype=np.float64)
         for obj in s.objects:
@@ -161,7 +173,9 @@ def test_detailed_caption_mentions_every_object_count_and_floor():
         assert all(f"{o.texture} {o.colour.name} {o.shape}" in text for o in s.objects[:3])
 
 
-@pytest.mark.parametrize("word", ["left", "right", "above", "below", "front", "behind", "top", "bottom", "centre"])
+@pytest.mark.parametrize(
+    "word", ["left", "right", "above", "below", "front", "behind", "top", "bottom", "centre"]
+)
 def test_alt_text_carries_no_spatial_words(word):
     assert not any(re.search(rf"\b{word}\b", s.captions["alt"]) for s in SAMPLES)
 

@@ -56,7 +56,10 @@ def eight_shards(tmp_path_factory) -> Path:
 def test_png_round_trip_keeps_pixels_captions_label_and_key(tmp_path):
     samples = _scenes(6)
     summary = write_shards(samples, tmp_path, shard_size=4, image_format="png")
-    assert [p.name for p in summary.shards] == ["shard-000000.tar", "shard-000001.tar"] and summary.samples == 6
+    assert [p.name for p in summary.shards] == [
+        "shard-000000.tar",
+        "shard-000001.tar",
+    ] and summary.samples == 6
     read = list(ShardDataset(tmp_path))
     assert [s.key for s in read] == [s.key for s in samples]
     for original, copy in zip(samples, read, strict=True):
@@ -139,7 +142,9 @@ def test_truncated_shard_keeps_its_readable_samples_and_counts_the_damage(tmp_pa
 def test_two_ranks_with_two_workers_each_read_every_sample_once(eight_shards):
     keys: list[str] = []
     for rank in range(2):
-        dataset = ShardDataset(eight_shards, shuffle_shards=True, shuffle_buffer=4, seed=1, rank=rank, world_size=2)
+        dataset = ShardDataset(
+            eight_shards, shuffle_shards=True, shuffle_buffer=4, seed=1, rank=rank, world_size=2
+        )
         loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=2, collate_fn=_key)
         keys += list(loader)
     assert len(keys) == 40
@@ -180,7 +185,10 @@ def test_epochs_change_the_shard_order_identically_on_all_ranks(eight_shards):
 
 def test_resampled_stream_is_endless_and_differs_between_ranks(eight_shards):
     streams = [
-        [s.key for s in itertools.islice(ShardDataset(eight_shards, resampled=True, rank=r, world_size=2), 60)]
+        [
+            s.key
+            for s in itertools.islice(ShardDataset(eight_shards, resampled=True, rank=r, world_size=2), 60)
+        ]
         for r in range(2)
     ]
     assert all(len(keys) == 60 for keys in streams)
@@ -195,3 +203,9 @@ def test_expand_shards_reads_brace_patterns_and_names_missing_files(eight_shards
         expand_shards(str(eight_shards / "shard-{000007..000008}.tar"))
     with pytest.raises(FileNotFoundError, match="no .tar shards"):
         expand_shards(tmp_path)
+
+
+def test_writer_refuses_a_sample_without_captions(tmp_path):
+    sample = SceneSample(image=Image.new("RGB", (4, 4)), captions={"alt": "  "}, key="empty")
+    with pytest.raises(ValueError, match="sample 'empty' has no caption"):
+        write_shards([sample], tmp_path)

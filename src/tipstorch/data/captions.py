@@ -68,7 +68,9 @@ class CaptionSampler:
         self.weights = {s: float(w) for s, w in weights.items() if w > 0}
         self.fallback = tuple(fallback)
 
-    def __call__(self, captions: Mapping[str, str], generator: torch.Generator | None = None) -> tuple[str, str]:
+    def __call__(
+        self, captions: Mapping[str, str], generator: torch.Generator | None = None
+    ) -> tuple[str, str]:
         """(source, text) for one sample; raises ValueError naming the sources if nothing fits."""
         have = available_captions(captions)
         present = [(s, w) for s, w in self.weights.items() if s in have]

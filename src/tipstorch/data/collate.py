@@ -65,15 +65,21 @@ class MultiCropConfig:
         for name in ("global_size", "local_size"):
             size = getattr(self, name)
             if size <= 0 or size % self.patch_size:
-                raise ValueError(f"MultiCropConfig.{name} must be a positive multiple of {self.patch_size}, got {size}")
+                raise ValueError(
+                    f"MultiCropConfig.{name} must be a positive multiple of {self.patch_size}, got {size}"
+                )
         for name in ("global_scale", "local_scale"):
             low, high = getattr(self, name)
             if not 0.0 < low <= high <= 1.0:
-                raise ValueError(f"MultiCropConfig.{name} must satisfy 0 < low <= high <= 1, got {(low, high)}")
+                raise ValueError(
+                    f"MultiCropConfig.{name} must satisfy 0 < low <= high <= 1, got {(low, high)}"
+                )
         if self.num_local_crops < 0:
             raise ValueError(f"MultiCropConfig.num_local_crops must be >= 0, got {self.num_local_crops}")
         if self.alt_source not in CAPTION_SOURCES:
-            raise ValueError(f"MultiCropConfig.alt_source must be one of {CAPTION_SOURCES}, got {self.alt_source!r}")
+            raise ValueError(
+                f"MultiCropConfig.alt_source must be one of {CAPTION_SOURCES}, got {self.alt_source!r}"
+            )
 
     @classmethod
     def high_res(cls, **overrides: Any) -> MultiCropConfig:
@@ -101,13 +107,17 @@ class MultiCropCollate:
     tokenize: texts -> LongTensor [B, L] (e.g. tipstorch.models.tokenizer.Tokenizer).
     """
 
-    def __init__(self, config: MultiCropConfig, tokenize: Tokenize, generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self, config: MultiCropConfig, tokenize: Tokenize, generator: torch.Generator | None = None
+    ) -> None:
         self.config = config
         self.tokenize = tokenize
         self.generator = generator
         others = tuple(s for s in CAPTION_SOURCES if s != config.alt_source)
         self.alt_sampler = CaptionSampler({config.alt_source: 1.0}, fallback=("caption", *others))
-        self.synthetic_sampler = CaptionSampler(config.caption_weights, fallback=("caption", config.alt_source))
+        self.synthetic_sampler = CaptionSampler(
+            config.caption_weights, fallback=("caption", config.alt_source)
+        )
 
     def _crop(self, image, size: int, scale: tuple[float, float], flip: bool) -> torch.Tensor:
         cfg = self.config

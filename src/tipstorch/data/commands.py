@@ -30,9 +30,18 @@ def add_data_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     source = write.add_mutually_exclusive_group(required=True)
     source.add_argument("--from", dest="source", choices=["scenes"], help="generate built-in scenes")
     source.add_argument("--from-folder", type=Path, metavar="DIR", help="a folder of images")
-    write.add_argument("--captions", type=Path, metavar="FILE", help="jsonl/csv/tsv captions (folder; default: sidecar files)")
     write.add_argument(
-        "--rename", action="append", default=[], metavar="FIELD=SOURCE", help="map a caption field, e.g. title=alt"
+        "--captions",
+        type=Path,
+        metavar="FILE",
+        help="jsonl/csv/tsv captions (folder; default: sidecar files)",
+    )
+    write.add_argument(
+        "--rename",
+        action="append",
+        default=[],
+        metavar="FIELD=SOURCE",
+        help="map a caption field, e.g. title=alt",
     )
     write.add_argument("--num", type=int, default=1000, help="number of scenes (scenes)")
     write.add_argument("--seed", type=int, default=0, help="scenes seed (scenes)")

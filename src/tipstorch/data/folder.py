@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import csv
 import json
-import random
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch
 
 from tipstorch.data.scenes import SceneSample
 from tipstorch.data.shards import CorruptSampleError, decode_sample
-from tipstorch.data.streams import ReadStats, split_for_consumer
+from tipstorch.data.streams import ReadStats, epoch_share
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 IMAGE_FIELDS: tuple[str, ...] = ("image", "file_name", "filename", "filepath", "path")
@@ -64,12 +63,17 @@ def _read_rows(path: Path) -> Iterator[tuple[str, Mapping[str, object] | Excepti
                     continue
                 try:
                     row = json.loads(line)
-                    yield f"{path}:{number}", row if isinstance(row, dict) else ValueError("not a json object")
+                    yield (
+                        f"{path}:{number}",
+                        row if isinstance(row, dict) else ValueError("not a json object"),
+                    )
                 except json.JSONDecodeError as exn:
                     yield f"{path}:{number}", exn
     elif suffix in (".csv", ".tsv"):
         with path.open(encoding="utf-8", newline="") as table:
-            for number, row in enumerate(csv.DictReader(table, delimiter="\t" if suffix == ".tsv" else ","), start=2):
+            for number, row in enumerate(
+                csv.DictReader(table, delimiter="\t" if suffix == ".tsv" else ","), start=2
+            ):
                 yield f"{path}:{number}", row
     else:
         raise ValueError(f"captions file must be .jsonl, .csv or .tsv, got {path}")
@@ -146,10 +150,8 @@ class FolderDataset(torch.utils.data.IterableDataset):
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[SceneSample]:
-        order = list(range(len(self.entries)))
-        if self.shuffle:
-            random.Random(f"{self.seed}:{self.epoch}").shuffle(order)
-        for index in split_for_consumer(order, self.rank, self.world_size):
+        indices = range(len(self.entries))
+        for index in epoch_share(indices, self.shuffle, self.seed, self.epoch, self.rank, self.world_size):
             try:
                 sample = self[index]
             except CorruptSampleError as exn:

@@ -44,6 +44,10 @@ ALT_DISTRACTORS: tuple[str, ...] = (
     "cute", "shop now", "image", "photo", "jpg", "transparent", "isolated", "cartoon", "emoji",
 )  # fmt: skip
 _ALT_SEPARATORS = (" ", ", ", " - ", " | ")
+_ALT_NAMES_MAIN = 0.85  # probability that alt-text names the main object at all
+_ALT_SHADE, _ALT_BASIC = 0.4, 0.4  # ... with its shade word, its basic colour word (else no colour)
+_ALT_CANONICAL_SHAPE = 0.6  # ... with the shape's own name rather than any synonym
+_ALT_NAMES_ANOTHER = 0.3  # probability of also naming another object's shape
 _POSITIONS = {
     ("top", "left"): "in the top left",
     ("top", "centre"): "at the top",
@@ -132,21 +136,30 @@ class SceneCaptioner:
     def alt(self, objects: Sequence[SceneObject], rng: np.random.Generator) -> str:
         """Noisy alt-text: distractors, maybe the main object (shade or basic colour), maybe another."""
         words: list[str] = []
-        if rng.random() < 0.85:
+        if rng.random() < _ALT_NAMES_MAIN:
             main = objects[0]
             colour = main.colour
             if rng.random() < self.wrong_colour_prob:
                 others = [c for c in self.palette if c.name != colour.name]
                 colour = others[rng.integers(len(others))]
             choice = rng.random()
-            colour_word = colour.shade if choice < 0.4 else colour.name if choice < 0.8 else ""
+            colour_word = (
+                colour.shade
+                if choice < _ALT_SHADE
+                else colour.name
+                if choice < _ALT_SHADE + _ALT_BASIC
+                else ""
+            )
             synonyms = SHAPE_SYNONYMS[main.shape]
-            shape_word = synonyms[0] if rng.random() < 0.6 else synonyms[rng.integers(len(synonyms))]
+            canonical = rng.random() < _ALT_CANONICAL_SHAPE
+            shape_word = synonyms[0] if canonical else synonyms[rng.integers(len(synonyms))]
             words.append(f"{colour_word} {shape_word}".strip())
-            if len(objects) > 1 and rng.random() < 0.3:
+            if len(objects) > 1 and rng.random() < _ALT_NAMES_ANOTHER:
                 words.append(objects[1 + rng.integers(len(objects) - 1)].shape)
         count = int(rng.integers(1, 5))
-        distractors = [ALT_DISTRACTORS[i] for i in rng.choice(len(ALT_DISTRACTORS), size=count, replace=False)]
+        distractors = [
+            ALT_DISTRACTORS[i] for i in rng.choice(len(ALT_DISTRACTORS), size=count, replace=False)
+        ]
         split = int(rng.integers(0, count + 1))
         parts = distractors[:split] + words + distractors[split:]
         return _ALT_SEPARATORS[rng.integers(len(_ALT_SEPARATORS))].join(parts)

@@ -88,6 +88,7 @@ _ELLIPSOID_HEIGHT = 0.55  # relief of the ellipse as a fraction of its major sem
 _RING_CENTRE, _RING_TUBE = 0.775, 0.225  # torus: tube centre radius and tube radius
 _NORMAL_Z_FLOOR = 0.05  # keeps silhouette normals camera-facing (z > 0)
 _DEPTH_MARGIN_M = 0.05  # clearance between overlapping objects and between objects and the floor
+_NEAREST_DEPTH_M = 0.5  # objects pulled forward nearer than this are left out
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,8 @@ class ScenesConfig:
     """How scenes are drawn. All lengths except ``view_width_m`` are resolution-free.
 
     image_size: side of square images, or (H, W).
+    min_objects / max_objects: how many objects are drawn; an object hidden by nearer ones beyond
+        ``min_visible_fraction`` is left out, so a scene may show fewer.
     object_radius: range of object radii as fractions of the short image side.
     min_visible_fraction: objects less visible than this (after occlusion) are left out.
     view_width_m: metres spanned by the image width (orthographic camera).
@@ -123,11 +126,17 @@ class ScenesConfig:
             )
         low, high = self.object_radius
         if not 0.0 < low <= high <= 0.5:
-            raise ValueError(f"ScenesConfig.object_radius must satisfy 0 < low <= high <= 0.5, got {self.object_radius}")
+            raise ValueError(
+                f"ScenesConfig.object_radius must satisfy 0 < low <= high <= 0.5, got {self.object_radius}"
+            )
         if not 0.0 <= self.min_visible_fraction <= 1.0:
-            raise ValueError(f"ScenesConfig.min_visible_fraction must be in [0, 1], got {self.min_visible_fraction}")
+            raise ValueError(
+                f"ScenesConfig.min_visible_fraction must be in [0, 1], got {self.min_visible_fraction}"
+            )
         if max(self.floor_depth_bottom) >= min(self.floor_depth_top):
-            raise ValueError("ScenesConfig: the floor must be farther at the top (floor_depth_top > floor_depth_bottom)")
+            raise ValueError(
+                "ScenesConfig: the floor must be farther at the top (floor_depth_top > floor_depth_bottom)"
+            )
 
     @property
     def size(self) -> tuple[int, int]:
@@ -203,8 +212,11 @@ class _Placed:
     height: np.ndarray  # float32 [h, w], relief towards the camera in units of radius
     normals: np.ndarray  # float32 [h, w, 3]
     albedo: np.ndarray  # float32 [h, w, 3], colour x texture
+    relief_range: tuple[float, float]  # (lowest, highest) height over the silhouette
+    base_row: int  # lowest image row of the silhouette, where the object stands on the floor
     depth: float = 0.0  # reference depth (m); surface depth = depth - radius_m * height
     visible: np.ndarray | None = None
+    hides: list[_Placed] = field(default_factory=list)  # farther objects whose silhouettes it overlaps
 
 
 def _shape_relief(shape: str, p: np.ndarray, q: np.ndarray, tilt: tuple[float, float]):
@@ -335,6 +347,7 @@ class ScenesDataset(torch.utils.data.Dataset):
         class_mask = np.zeros((height, width), dtype=np.int64)
         instance_mask = np.zeros((height, width), dtype=np.int64)
         objects: list[SceneObject] = []
+        ids = {id(obj): instance_id for instance_id, obj in enumerate(placed, start=1)}
         for instance_id, obj in enumerate(placed, start=1):
             y0, y1, x0, x1 = obj.box
             vis = obj.visible
@@ -346,11 +359,7 @@ class ScenesDataset(torch.utils.data.Dataset):
             normals[y0:y1, x0:x1][vis] = obj.normals[vis]
             class_mask[y0:y1, x0:x1][vis] = SHAPES.index(obj.shape) + 1
             instance_mask[y0:y1, x0:x1][vis] = instance_id
-            occludes = tuple(
-                other_id
-                for other_id, other in enumerate(placed, start=1)
-                if other.depth > obj.depth and _overlap(obj, other)
-            )
+            occludes = tuple(sorted(ids[id(hidden)] for hidden in obj.hides if id(hidden) in ids))
             objects.append(_describe(obj, instance_id, surface, occludes, height, width, cfg))
 
         pixels = np.clip(image * 255.0 + 0.5, 0, 255).astype(np.uint8)
@@ -394,7 +403,9 @@ class ScenesStream(torch.utils.data.IterableDataset):
             index += slots
 
 
-def _draw_floor(rng: np.random.Generator, height: int, width: int, pixel_size: float, cfg: ScenesConfig) -> dict:
+def _draw_floor(
+    rng: np.random.Generator, height: int, width: int, pixel_size: float, cfg: ScenesConfig
+) -> dict:
     """Floor plane: image float32 [H, W, 3], row_depth float32 [H] (m), normal float32 [3]."""
     name, rgb = FLOOR_COLOURS[rng.integers(len(FLOOR_COLOURS))]
     texture = FLOOR_TEXTURES[rng.integers(len(FLOOR_TEXTURES))]
@@ -428,8 +439,9 @@ def _draw_objects(rng: np.random.Generator, height: int, width: int, cfg: Scenes
     unit = min(height, width)
     count = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
     used: set[tuple[str, str]] = set()
+    pairs = len(SHAPES) * len({c.name for c in OBJECT_COLOURS})
     placed: list[_Placed] = []
-    while len(placed) < count:
+    while len(placed) < count and len(used) < pairs:
         shape = SHAPES[rng.integers(len(SHAPES))]
         colour = OBJECT_COLOURS[rng.integers(len(OBJECT_COLOURS))]
         if (colour.name, shape) in used:
@@ -468,6 +480,8 @@ def _draw_objects(rng: np.random.Generator, height: int, width: int, cfg: Scenes
                 height=np.asarray(relief, dtype=np.float32),
                 normals=normals,
                 albedo=_object_albedo(texture, colour.rgb, p, q),
+                relief_range=(float(relief[inside].min()), float(relief[inside].max())),
+                base_row=y0 + int(np.flatnonzero(inside.any(axis=1))[-1]),
             )
         )
     return placed
@@ -486,24 +500,24 @@ def _overlap(a: _Placed, b: _Placed) -> int:
 
 def _assign_depths(placed: list[_Placed], row_depth: np.ndarray, pixel_size: float) -> list[_Placed]:
     """Stand each object on the floor at its lowest row, then pull nearer objects forward until
-    every overlapping pair is separated in depth. Returns objects sorted far -> near; objects that
-    would come closer than 0.5 m are dropped."""
+    every overlapping pair is separated in depth (recording in ``hides`` which farther objects each
+    one overlaps). Returns objects sorted far -> near; objects that would come closer than
+    _NEAREST_DEPTH_M are dropped."""
     for obj in placed:
-        rows = np.flatnonzero(obj.inside.any(axis=1))
-        base_row = obj.box[0] + int(rows[-1])
-        radius_m = obj.radius * pixel_size
-        lowest = float(obj.height[obj.inside].min())  # most negative relief sits behind the reference
-        obj.depth = float(row_depth[base_row]) - radius_m * max(0.0, -lowest) - _DEPTH_MARGIN_M
+        lowest = obj.relief_range[0]  # negative relief (tilted planes) reaches behind the reference depth
+        obj.depth = (
+            float(row_depth[obj.base_row]) - obj.radius * pixel_size * max(0.0, -lowest) - _DEPTH_MARGIN_M
+        )
     kept: list[_Placed] = []
     for obj in sorted(placed, key=lambda o: -o.depth):
         radius_m = obj.radius * pixel_size
-        lowest = float(obj.height[obj.inside].min())
-        highest = float(obj.height[obj.inside].max())
+        lowest, highest = obj.relief_range
         for farther in kept:
             if _overlap(obj, farther):
-                farther_front = farther.depth - farther.radius * pixel_size * float(farther.height[farther.inside].max())
+                obj.hides.append(farther)
+                farther_front = farther.depth - farther.radius * pixel_size * farther.relief_range[1]
                 obj.depth = min(obj.depth, farther_front - _DEPTH_MARGIN_M + radius_m * lowest)
-        if obj.depth - radius_m * highest >= 0.5:
+        if obj.depth - radius_m * highest >= _NEAREST_DEPTH_M:
             kept.append(obj)
     return kept
 

@@ -27,7 +27,7 @@ from PIL import Image
 
 from tipstorch.data.captions import CAPTION_SOURCES, available_captions
 from tipstorch.data.scenes import SceneSample
-from tipstorch.data.streams import ReadStats, consumer_slot, split_for_consumer
+from tipstorch.data.streams import ReadStats, consumer_slot, epoch_share
 
 IMAGE_FORMATS: dict[str, str] = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
 IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
@@ -69,6 +69,10 @@ def encode_image(image: Image.Image, image_format: str, quality: int = 95) -> by
 
 def _record(sample: SceneSample, key: str, image_format: str, quality: int) -> dict[str, object]:
     meta: dict[str, object] = dict(available_captions(sample.captions))
+    if not meta:
+        raise ValueError(
+            f"sample {key!r} has no caption among {CAPTION_SOURCES} (has {sorted(sample.captions)})"
+        )
     if sample.label is not None:
         meta["label"] = int(sample.label)
     return {
@@ -206,10 +210,9 @@ class ShardDataset(torch.utils.data.IterableDataset):
             rng = random.Random(f"{self.seed}:{self.epoch}:{slot}:shards")
             while True:
                 yield rng.choice(self.shards)
-        shards = list(self.shards)
-        if self.shuffle_shards:
-            random.Random(f"{self.seed}:{self.epoch}").shuffle(shards)
-        yield from split_for_consumer(shards, self.rank, self.world_size)
+        yield from epoch_share(
+            self.shards, self.shuffle_shards, self.seed, self.epoch, self.rank, self.world_size
+        )
 
     def _on_shard_error(self, exn: Exception) -> bool:
         self.stats.record_skip(str(exn.args[-1]) if exn.args else "?", f"unreadable shard data: {exn}")
@@ -242,6 +245,10 @@ class ShardDataset(torch.utils.data.IterableDataset):
 
     def __iter__(self) -> Iterator[SceneSample]:
         slot, _ = consumer_slot(self.rank, self.world_size)
-        records = wds.tariterators.tarfile_samples(({"url": u} for u in self._my_shards()), handler=self._on_shard_error)
+        records = wds.tariterators.tarfile_samples(
+            ({"url": u} for u in self._my_shards()), handler=self._on_shard_error
+        )
         samples = (s for s in map(self._decode, records) if s is not None)
-        yield from _shuffle_buffer(samples, self.shuffle_buffer, random.Random(f"{self.seed}:{self.epoch}:{slot}"))
+        yield from _shuffle_buffer(
+            samples, self.shuffle_buffer, random.Random(f"{self.seed}:{self.epoch}:{slot}")
+        )

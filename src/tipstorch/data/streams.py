@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Sequence
 from typing import TypeVar
 
@@ -52,6 +53,22 @@ def split_for_consumer(items: Sequence[T], rank: int | None = None, world_size: 
             len(items),
         )
     return share
+
+
+def epoch_share(
+    items: Sequence[T],
+    shuffle: bool,
+    seed: int,
+    epoch: int,
+    rank: int | None = None,
+    world_size: int | None = None,
+) -> list[T]:
+    """This consumer's share of ``items`` for one epoch: if ``shuffle``, the same permutation on every
+    rank and worker (seeded by seed and epoch), then dealt out by ``split_for_consumer``."""
+    order = list(items)
+    if shuffle:
+        random.Random(f"{seed}:{epoch}").shuffle(order)
+    return split_for_consumer(order, rank, world_size)
 
 
 class ReadStats:

@@ -27,7 +27,11 @@ def pil_to_tensor(image: Image.Image) -> torch.Tensor:
 
 def _as_pil(image: np.ndarray) -> Image.Image:
     """uint8 [H, W] or [H, W, 3|4] array -> PIL; anything else is refused with the reason."""
-    if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (3, 4)):
+    if (
+        image.dtype != np.uint8
+        or image.ndim not in (2, 3)
+        or (image.ndim == 3 and image.shape[2] not in (3, 4))
+    ):
         raise ValueError(
             f"numpy images must be uint8 [H, W] or [H, W, 3|4], got {image.dtype} {tuple(image.shape)}; "
             "pass float images as torch tensors [3, H, W] in [0, 1]"
@@ -47,7 +51,9 @@ class InferenceTransform:
 
     def __init__(self, image_size: int = 448, keep_aspect: bool = False, patch_size: int = 14) -> None:
         if image_size <= 0 or image_size % patch_size:
-            raise ValueError(f"image_size must be a positive multiple of the patch size {patch_size}, got {image_size}")
+            raise ValueError(
+                f"image_size must be a positive multiple of the patch size {patch_size}, got {image_size}"
+            )
         self.image_size, self.keep_aspect, self.patch_size = image_size, keep_aspect, patch_size
 
     def output_size(self, height: int, width: int) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -57,7 +63,10 @@ class InferenceTransform:
             return (size, size), (size, size)
         scale = size / min(height, width)
         resized = (max(round(height * scale), size), max(round(width * scale), size))
-        return resized, (resized[0] // self.patch_size * self.patch_size, resized[1] // self.patch_size * self.patch_size)
+        return resized, (
+            resized[0] // self.patch_size * self.patch_size,
+            resized[1] // self.patch_size * self.patch_size,
+        )
 
     def __call__(self, image: ImageLike) -> torch.Tensor:
         if isinstance(image, np.ndarray):
@@ -83,7 +92,9 @@ class InferenceTransform:
         return out if image.ndim == 4 else out[0]
 
 
-def image_transform(image_size: int = 448, keep_aspect: bool = False, patch_size: int = 14) -> InferenceTransform:
+def image_transform(
+    image_size: int = 448, keep_aspect: bool = False, patch_size: int = 14
+) -> InferenceTransform:
     """The inference preprocessing of the official TIPS code (448 for TIPSv2 / HR models, 224 for LR)."""
     return InferenceTransform(image_size, keep_aspect, patch_size)
 
@@ -151,4 +162,3 @@ def random_patch_mask(
     num_masked = round(mask_ratio * num_patches)
     order = torch.rand(batch_size, num_patches, generator=generator).argsort(dim=1)
     return order < num_masked
-
