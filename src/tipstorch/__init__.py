@@ -1,6 +1,7 @@
 """tipstorch: TIPS and TIPSv2 image-text encoders with spatial awareness, in PyTorch."""
 
 from tipstorch.checkpoints import CheckpointError, save_model
+from tipstorch.data.transforms import image_transform
 from tipstorch.factory import create_model, get_tokenizer, load_model
 from tipstorch.models.registry import list_models
 from tipstorch.models.tips import TIPSConfig, TIPSModel
@@ -16,6 +17,7 @@ __all__ = [
     "__version__",
     "create_model",
     "get_tokenizer",
+    "image_transform",
     "list_models",
     "load_model",
     "save_model",

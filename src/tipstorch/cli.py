@@ -7,6 +7,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -110,6 +111,22 @@ def run_classify(args: argparse.Namespace) -> None:
         print(f"{rank:>4}  {labels[index]:<24} {probabilities[index].item():>11.4f}")
 
 
+def run_convert(args: argparse.Namespace) -> None:
+    """Write a model in another checkpoint format."""
+    from tipstorch.checkpoints import save_model, save_official, save_transformers
+
+    model, _ = model_from_args(args)
+    out = Path(args.out)
+    if args.to == "tipstorch":
+        save_model(model, out)
+    elif args.to == "transformers":
+        save_transformers(model, out)
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        save_official(model, out / f"{args.stem}_vision.npz", out / f"{args.stem}_text.npz")
+    print(f"wrote {args.to} checkpoint to {out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tipstorch", description="TIPS / TIPSv2 image-text encoders in PyTorch")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -131,10 +148,17 @@ def build_parser() -> argparse.ArgumentParser:
     classify = commands.add_parser("classify", help="zero-shot classification of an image")
     classify.add_argument("image")
     classify.add_argument("--labels", required=True, help='comma-separated class names, e.g. "cat,dog,car"')
-    classify.add_argument("--templates", default="imagenet", help="prompt templates: imagenet (80), tcl (9) or simple")
+    classify.add_argument("--templates", default="imagenet80", help="prompt templates: imagenet80 (CLIP's 80) or tcl9")
     classify.add_argument("--image-size", type=int)
     add_model_arguments(classify)
     classify.set_defaults(func=run_classify)
+
+    convert = commands.add_parser("convert", help="write a model as tipstorch safetensors, transformers or official npz")
+    convert.add_argument("--to", choices=["tipstorch", "transformers", "official"], required=True)
+    convert.add_argument("--out", required=True, help=".safetensors file (tipstorch) or directory (transformers, official)")
+    convert.add_argument("--stem", default="model", help="official npz file stem: <stem>_vision.npz, <stem>_text.npz")
+    add_model_arguments(convert)
+    convert.set_defaults(func=run_convert)
 
     from tipstorch.data.commands import add_data_parser
 
@@ -143,8 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the ``tipstorch`` console script."""
     args = build_parser().parse_args(argv)
-    args.func(args)
+    status = args.func(args)
+    if isinstance(status, int) and status:
+        raise SystemExit(status)
 
 
 if __name__ == "__main__":

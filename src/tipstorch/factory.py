@@ -10,7 +10,7 @@ import torch
 
 from tipstorch import checkpoints, hub
 from tipstorch.models.registry import get_model_spec, list_models
-from tipstorch.models.tips import TIPSModel
+from tipstorch.models.tips import TIPSConfig, TIPSModel
 from tipstorch.models.tokenizer import OFFICIAL_TOKENIZER, OFFICIAL_TOKENIZER_URL, SCENES_TOKENIZER, Tokenizer
 
 
@@ -44,12 +44,14 @@ def load_model(
     text_path: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
+    config: TIPSConfig | None = None,
 ) -> TIPSModel:
     """Load a model from a registered name, a file, a directory or an http(s) URL.
 
     Understood: an official ``*_vision.npz`` (its ``*_text.npz`` is found beside it, or pass
     ``text_path``); a transformers Tipsv2 directory or its ``model.safetensors`` (with ``config.json``
     beside it); a tipstorch ``.safetensors`` file (written by ``save_model`` or ``tipstorch train``).
+    npz files hold no config: it is inferred from the shapes of the released sizes, or pass ``config``.
     """
     text = str(path_or_url)
     if not text.startswith(("http://", "https://")) and not Path(text).exists() and "/" not in text:
@@ -57,7 +59,7 @@ def load_model(
     local = hub.resolve(path_or_url)
     if local.suffix == ".npz":
         text_source = str(text_path) if text_path is not None else checkpoints.text_path_for(text)
-        model = checkpoints.load_official(local, hub.resolve(text_source))
+        model = checkpoints.load_official(local, hub.resolve(text_source), config)
     elif local.is_dir():
         if (local / "config.json").exists():
             model = checkpoints.load_transformers(local)

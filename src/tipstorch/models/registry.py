@@ -76,7 +76,7 @@ def _official(name: str, size: str, stem: str, version: str, description: str, i
 
 def _tiny() -> ModelSpec:
     vision = VisionConfig(embed_dim=192, depth=6, num_heads=3, mlp_hidden_dim=768, pos_grid=16)
-    text = TextConfig(width=192, depth=4, num_heads=3, mlp_dim=768, vocab_size=1024)
+    text = TextConfig(width=192, depth=4, num_heads=3, mlp_dim=768, vocab_size=512)  # the scenes tokenizer
     return ModelSpec(
         name="tips-tiny",
         config=TIPSConfig(vision=vision, text=text, image_size=224, temperature=0.07, tokenizer=SCENES_TOKENIZER),
