@@ -151,3 +151,20 @@ def test_unknown_file_format_is_named(tmp_path):
     path.write_bytes(b"x")
     with pytest.raises(tipstorch.CheckpointError, match="weights.bin: unknown checkpoint format"):
         tipstorch.load_model(path)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_weights_run_and_stay_close(model, dtype):
+    """model.to(bf16/fp16), as on a GPU: every op runs in that dtype and stays near fp32."""
+    images, ids = torch.rand(2, 3, 42, 56), torch.tensor([[5, 6, 7, 0], [9, 0, 0, 0]])
+    low = TIPSModel(model.config).eval()
+    low.load_state_dict(model.state_dict())
+    low = low.to(dtype)
+    with torch.inference_mode():
+        features = low.encode_image(images.to(dtype))
+        text = low.encode_text(ids)
+        reference = model.encode_image(images)
+        reference_text = model.encode_text(ids)
+    assert features.patch_tokens.dtype == text.dtype == dtype
+    assert F.cosine_similarity(features.flat.float(), reference.flat, dim=-1).min() > 0.99
+    assert F.cosine_similarity(text.float(), reference_text, dim=-1).min() > 0.99
