@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -97,3 +98,22 @@ def test_data_write_shards_is_wired_into_the_cli(tmp_path):
     assert len(shards) == 3
     samples = list(ShardDataset(expand_shards([str(path) for path in shards])))
     assert len(samples) == 5 and all(sample.captions["spatial"] for sample in samples)
+
+
+def test_pca_writes_image_and_component_map_side_by_side(tmp_path, capsys):
+    main(["pca", EXAMPLE, "--model", "tips-tiny", "--random", "--image-size", "112", "--out", str(tmp_path)])
+    picture = Image.open(tmp_path / "example_scene_pca.png")
+    assert picture.size == (896, 448)  # image and 8x8 map, each scaled to 448 high
+    right = np.asarray(picture)[:, 448:]
+    assert right.std() > 10  # the component map is not flat
+    assert "8x8 patches" in capsys.readouterr().out
+
+
+def test_segment_writes_an_overlay_and_an_area_table(tmp_path, capsys):
+    out = tmp_path / "seg.png"
+    main(["segment", EXAMPLE, "--model", "tips-tiny", "--random", "--labels", "circle,star,floor",
+          "--image-size", "112", "--out", str(out)])
+    assert Image.open(out).size == (896, 448)
+    rows = capsys.readouterr().out.strip().splitlines()[2:]
+    assert [row.split()[0] for row in rows] == ["circle", "star", "floor"]
+    assert sum(float(row.split()[-1].rstrip("%")) for row in rows) == pytest.approx(100, abs=0.5)
