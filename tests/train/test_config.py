@@ -12,9 +12,10 @@ from tipstorch.train.config import (
     config_from_dict,
     dump_config,
     load_config,
+    shipped_configs_dir,
 )
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = shipped_configs_dir()
 SHIPPED = sorted(CONFIGS.glob("*.yaml"))
 
 

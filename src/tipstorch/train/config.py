@@ -1,5 +1,8 @@
 """Typed training configuration: dataclasses, strict YAML loading, ``--set a.b=c`` overrides, YAML dump.
 
+The shipped recipes live in the package (``tipstorch/configs/*.yaml``); ``resolve_config`` turns a bare
+name such as ``tiny_cpu`` into the path of the shipped file, any other argument is read as a path.
+
 Defaults are the TIPS paper's recipe (section 4.1 "Implementation details" and appendix A.2) where the
 paper gives a number; fields the paper leaves open say where their default comes from. A YAML file may
 start from another with ``base: other.yaml`` (resolved next to the file); its sections override the
@@ -9,10 +12,12 @@ replace the base's whole. Unknown keys are an error naming the key and the file.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,6 +43,13 @@ class ModelCfg:
     temperature: float | None = None  # initial contrastive temperature; None = the model config's
     init: str | None = None
     grad_checkpointing: bool = False
+    # From scratch only: fold a pixel normalisation into the initial patch embedding, so the random
+    # network starts as if fed (pixels - mean) / std while keeping the [0, 1] input of the released
+    # models. Not in the paper; the values are the ImageNet statistics DINOv2 / open_clip normalise with.
+    # Without it a random ViT maps all images to nearly the same CLS (cosine ~0.99), and short runs
+    # collapse the self-distillation targets. None = the plain random initialisation.
+    init_pixel_mean: tuple[float, float, float] | None = (0.485, 0.456, 0.406)
+    init_pixel_std: tuple[float, float, float] | None = (0.229, 0.224, 0.225)
 
 
 @dataclass
@@ -58,6 +70,9 @@ class DataCfg:
     source: str = "scenes"  # "scenes" (built-in procedural set) or a WebDataset shard pattern
     num_samples: int = 100_000  # images per epoch (scenes: how many are generated)
     num_workers: int = 0
+    scenes_size: int = 224  # scenes: side of the generated images the crops are cut from
+    scenes_seed: int = 0  # scenes: which procedural scenes (the eval uses other seeds / indices)
+    shuffle_buffer: int = 5000  # shards: sample shuffle buffer (not in the paper: open_clip's 5000)
     global_size: int = 224  # 4.1: 1 global crop at 224
     local_size: int = 98  # 4.1: local crops at 98
     num_local_crops: int = 6  # 4.1: M = 6
@@ -135,7 +150,8 @@ class LoopCfg:
     batch_size: int = 16384  # 4.1: global batch (all ranks, all accumulation steps)
     accumulation_steps: int = 1
     bf16: bool = True
-    checkpoint_every: int = 1000
+    checkpoint_every: int = 1000  # steps between writes of last.pt (also written at the end and on SIGTERM/SIGINT)
+    keep_every: int = 0  # steps between permanent step-<N>.pt copies; 0 = none
     log_every: int = 10
     out_dir: str = "runs/tips"
     seed: int = 0
@@ -145,6 +161,7 @@ class LoopCfg:
 class EvalCfg:
     every: int = 0  # steps between evaluations; 0 = only before and after training
     tasks: list[str] = field(default_factory=list)
+    quick: bool = False  # run tipstorch.eval.quick (scenes zero-shot / retrieval) before and after training
 
 
 @dataclass
@@ -185,6 +202,27 @@ class TrainCfg:
 # ---------------------------------------------------------------------------------------------- loading
 
 
+def shipped_configs_dir() -> Path:
+    """The folder of the recipes shipped with the package."""
+    return Path(str(resources.files("tipstorch") / "configs"))
+
+
+def shipped_configs() -> list[str]:
+    """Names of the shipped recipes (``tiny_cpu``, ``tips_g14_paper``, ...)."""
+    return sorted(path.stem for path in shipped_configs_dir().glob("*.yaml"))
+
+
+def resolve_config(name_or_path: str | Path) -> Path:
+    """An existing file path as given, else the shipped recipe of that name (``tiny_cpu`` or ``tiny_cpu.yaml``)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = shipped_configs_dir() / (path.name if path.suffix == ".yaml" else f"{path.name}.yaml")
+    if path.parent == Path(".") and shipped.is_file():
+        return shipped
+    raise ConfigError(f"config {name_or_path}: no such file, nor a shipped recipe (shipped: {', '.join(shipped_configs())})")
+
+
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainCfg:
     """Read a YAML recipe (following ``base:`` files), apply ``a.b=c`` overrides, return a checked TrainCfg."""
     path = Path(path)
@@ -194,8 +232,13 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     return _build(TrainCfg, raw, where=f"config {path} (with its bases and --set overrides)")
 
 
-def config_from_dict(raw: dict[str, Any], where: str = "config") -> TrainCfg:
-    """Build a TrainCfg from a nested dict (e.g. the ``config`` saved in a checkpoint)."""
+def config_from_dict(
+    raw: dict[str, Any], where: str = "config", overrides: list[str] | tuple[str, ...] = ()
+) -> TrainCfg:
+    """Build a TrainCfg from a nested dict (e.g. the ``config`` saved in a checkpoint), with ``a.b=c`` overrides."""
+    raw = copy.deepcopy(raw)
+    for override in overrides:
+        _apply_override(raw, override)
     return _build(TrainCfg, raw, where)
 
 

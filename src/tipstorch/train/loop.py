@@ -1,0 +1,339 @@
+"""The training loop: orders the calls of one optimiser step, logs, checkpoints and resumes.
+
+It holds no loss maths: the passes live in ``student.py``, the losses in ``losses.py``, the contrastive
+accumulation in ``contrastive_accum.py``, the schedules in ``schedules.py``. A variant (CLIP-only, TIPS,
+TIPSv2, distillation from a frozen teacher) is a config, never a branch here.
+
+One step (``Trainer.train_step``): scheduled lr / weight decay -> forward + backward over the
+micro-batches (bf16 autocast when ``loop.bf16``) -> gradient clipping -> stop if the loss or the gradient
+is not finite (nothing updated, no checkpoint written) -> centre update, optimiser step, temperature
+clamp, teacher EMA update.
+
+Outputs in ``out_dir``: ``config.yaml``, ``log.jsonl`` (every ``loop.log_every`` steps), ``tensorboard/``,
+``last.pt`` / ``previous.pt`` / ``step-<N>.pt`` (see ``checkpoint.py``), ``final.safetensors`` (the
+student's model, for ``tipstorch.load_model``; the EMA teacher has no text tower, so the student is the
+image-text model).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import random
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from tipstorch.checkpoints import save_model
+from tipstorch.factory import get_tokenizer
+from tipstorch.models.tips import TIPSConfig, TIPSModel
+from tipstorch.models.tokenizer import Tokenizer
+from tipstorch.train.checkpoint import FINAL, LAST, StopOnSignal, rng_state, save_checkpoint, set_rng_state
+from tipstorch.train.config import ConfigError, TrainCfg, dump_config
+from tipstorch.train.contrastive_accum import accumulate_gradients, split_batch
+from tipstorch.train.data import SCENES, training_batches
+from tipstorch.train.distributed import DistributedContext, any_rank, gather_rows, setup_distributed
+from tipstorch.train.init import build_model, build_teacher, load_heads, trainable
+from tipstorch.train.losses import TIPSLoss
+from tipstorch.train.optim import build_optimizer, clip_gradients, set_hyperparams
+from tipstorch.train.schedules import ScheduleValues, TrainingSchedules
+from tipstorch.train.student import TIPSStudent, self_supervised_parts
+from tipstorch.train.teacher import FrozenTeacher
+
+logger = logging.getLogger("tipstorch.train")
+
+Evaluate = Callable[[TIPSModel, Tokenizer], dict[str, float]]
+TENSORBOARD_DIR = "tensorboard"
+LOG_FILE = "log.jsonl"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or the gradient norm of a step is NaN or infinite; the run stopped before updating."""
+
+
+@dataclass
+class TrainResult:
+    """How ``Trainer.fit`` ended: ``completed`` or ``interrupted`` (by ``signal_name``) at ``step``."""
+
+    status: str
+    step: int
+    checkpoint: Path | None
+    export: Path | None = None
+    signal_name: str | None = None
+    signal_number: int | None = None
+    eval_before: dict[str, float] | None = None
+    eval_after: dict[str, float] | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+class TensorboardLog:
+    """Scalars to ``out_dir/tensorboard`` (when tensorboard is installed) and lines to ``out_dir/log.jsonl``."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.jsonl = (out_dir / LOG_FILE).open("a")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            print("warning: tensorboard is not installed (pip install tensorboard): no tensorboard logs, "
+                  f"only {out_dir / LOG_FILE}", file=sys.stderr)
+            self.writer = None
+        else:
+            self.writer = SummaryWriter(str(out_dir / TENSORBOARD_DIR))
+
+    def scalars(self, step: int, values: Mapping[str, float], prefix: str = "train") -> None:
+        self.jsonl.write(json.dumps({"step": step, prefix: dict(values)}) + "\n")
+        self.jsonl.flush()
+        if self.writer is not None:
+            for name, value in values.items():
+                self.writer.add_scalar(f"{prefix}/{name}", value, step)
+
+    def close(self) -> None:
+        self.jsonl.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+class Trainer:
+    """One training run of a TrainCfg, fresh or resumed from a checkpoint state (``resume``).
+
+    Args:
+        cfg: the recipe.
+        out_dir: where logs and checkpoints go (default ``cfg.loop.out_dir``).
+        resume: a state read by ``checkpoint.load_checkpoint``; the model is rebuilt from its saved
+            architecture (``model.init`` is not loaded again) and every state restored.
+        evaluate: (model, tokenizer) -> metrics, run on rank 0 before training (fresh runs), every
+            ``eval.every`` steps and after training.
+        context: the distributed context (default: ``setup_distributed()``).
+    """
+
+    def __init__(
+        self,
+        cfg: TrainCfg,
+        out_dir: str | Path | None = None,
+        resume: Mapping[str, Any] | None = None,
+        evaluate: Evaluate | None = None,
+        context: DistributedContext | None = None,
+    ) -> None:
+        self.cfg, self.evaluate = cfg, evaluate
+        self.out_dir = Path(out_dir if out_dir is not None else cfg.loop.out_dir)
+        self.context = context or setup_distributed()
+        loop, world = cfg.loop, self.context.world_size
+        if loop.batch_size % (world * loop.accumulation_steps):
+            raise ConfigError(
+                f"loop.batch_size ({loop.batch_size}) must be a multiple of world size x accumulation steps "
+                f"({world} x {loop.accumulation_steps})"
+            )
+        self.local_batch = loop.batch_size // world
+        _seed_everything(loop.seed)  # the same initial weights on every rank
+        if resume is None:
+            model, start = build_model(cfg.model)
+        else:  # the saved architecture; the weights come with the state
+            model, start = trainable(TIPSModel(TIPSConfig(**resume["model_config"])), cfg.model), None
+        self.model = model
+        self.student = TIPSStudent(model, cfg.heads, cfg.loss)
+        self.loaded_heads = load_heads(self.student, start)
+        self.student.to(self.context.device)
+        self.teacher = build_teacher(cfg, self.student)
+        if self.teacher is not None:
+            self.teacher.to(self.context.device)
+        self.loss = TIPSLoss(cfg.loss, cfg.heads.num_prototypes).to(self.context.device)
+        self.optimizer = build_optimizer(self.student.named_parameters(), cfg.optim)
+        self.schedules = TrainingSchedules(cfg.schedule, cfg.optim, loop.steps)
+        self.tokenizer = get_tokenizer(model)
+        self.ddp = (
+            DistributedDataParallel(self.student, find_unused_parameters=True) if world > 1 else self.student
+        )
+        self.step = 0
+        self.eval_before: dict[str, float] | None = None
+        self.history: list[dict[str, float]] = []
+        torch.manual_seed(loop.seed + self.context.rank)  # per-rank stream of the step's own draws (drop-path)
+        if resume is not None:
+            self.load_state_dict(resume)
+
+    # ------------------------------------------------------------------------------------------ state
+
+    def _teacher_state(self) -> dict[str, torch.Tensor]:
+        if self.teacher is None:
+            return {}
+        state = self.teacher.state_dict()
+        if isinstance(self.teacher, FrozenTeacher):  # the backbone is reloaded from teacher.frozen_model
+            state = {key: value for key, value in state.items() if not key.startswith("parts.backbone.")}
+        return state
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs (a collective call: every rank must call it)."""
+        return {
+            "step": self.step,
+            "model_config": self.model.config.to_dict(),
+            "student": self.student.state_dict(),
+            "teacher": self._teacher_state(),
+            "loss": self.loss.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "rng": rng_state(lambda tensor: gather_rows(tensor, self.context.device)),
+            "data": {"source": self.cfg.data.source, "num_workers": self.cfg.data.num_workers,
+                     "world_size": self.context.world_size},
+            "config": json.loads(json.dumps(dataclasses.asdict(self.cfg))),
+            "eval_before": self.eval_before or {},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.student.load_state_dict(state["student"])
+        if self.teacher is not None:
+            missing, unexpected = self.teacher.load_state_dict(state["teacher"], strict=False)
+            frozen_backbone = isinstance(self.teacher, FrozenTeacher)
+            missing = [key for key in missing if not (frozen_backbone and key.startswith("parts.backbone."))]
+            if missing or unexpected:
+                raise ConfigError(f"checkpoint teacher does not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        self.loss.load_state_dict(state["loss"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        self.eval_before = dict(state["eval_before"]) or None
+        data = state["data"]
+        saved = (data["num_workers"], data["world_size"])
+        if self.cfg.data.source != SCENES and saved != (self.cfg.data.num_workers, self.context.world_size):
+            logger.warning(
+                "resuming a shard stream with (num_workers, world_size) = %s instead of %s: the batches after "
+                "the resume differ from those of an uninterrupted run", (self.cfg.data.num_workers,
+                                                                         self.context.world_size), saved)
+        set_rng_state(state["rng"], self.context.rank)
+
+    def save(self, keep: bool = False) -> Path:
+        """Write ``out_dir/last.pt`` (rank 0; every rank takes part in gathering the state)."""
+        state = self.state_dict()
+        path = self.out_dir / LAST
+        if self.context.is_main:
+            save_checkpoint(state, self.out_dir, keep=keep)
+        return path
+
+    # ------------------------------------------------------------------------------------------ step
+
+    def _forward(self, micro_batch: Mapping[str, Any], values: ScheduleValues):
+        outputs = self.ddp(micro_batch)
+        parts = self_supervised_parts(self.student, self.teacher, self.loss, outputs, micro_batch, values)
+        return outputs["embeddings"], parts
+
+    def train_step(self, batch: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        """One optimiser step on this rank's batch; returns the loss parts and step statistics."""
+        cfg, values = self.cfg, self.schedules.at(self.step)
+        set_hyperparams(self.optimizer, values.lr, values.weight_decay)
+        self.optimizer.zero_grad(set_to_none=True)
+        batch = {key: value.to(self.context.device, non_blocking=True) for key, value in batch.items()}
+        parts = accumulate_gradients(
+            split_batch(batch, cfg.loop.accumulation_steps),
+            embed=self.student.embed,
+            forward=lambda micro_batch: self._forward(micro_batch, values),
+            contrastive=self.loss.contrastive_parts,
+            total=self.loss.total,
+            temperature=self.model.temperature,
+            autocast_dtype=torch.bfloat16 if cfg.loop.bf16 else None,
+            no_sync=getattr(self.ddp, "no_sync", None),
+        )
+        grad_norm = clip_gradients(self.student.parameters(), cfg.optim.grad_clip_norm)
+        finite = bool(torch.isfinite(parts["total"])) and bool(torch.isfinite(grad_norm))
+        if any_rank([not finite], self.context.device)[0]:
+            shown = ", ".join(f"{name}={float(value):.4g}" for name, value in parts.items())
+            raise NonFiniteLossError(
+                f"non-finite loss or gradient at step {self.step} ({shown}, grad_norm={float(grad_norm):.4g}); "
+                f"stopped before updating; the last good checkpoint is {self.out_dir / LAST} (if any). "
+                "Lower optim.lr, enable optim.grad_clip_norm or check the data."
+            )
+        self.loss.step_centers()
+        self.optimizer.step()
+        with torch.no_grad():
+            self.model.temperature.clamp_(min=cfg.loss.min_temperature)
+        if self.teacher is not None:
+            self.teacher.update(self.student.parts(), values.teacher_momentum)
+        self.step += 1
+        return {name: float(value) for name, value in parts.items()} | {
+            "grad_norm": float(grad_norm), "lr": values.lr, "temperature": self.model.temperature.item(),
+            "teacher_momentum": values.teacher_momentum,
+        }
+
+    # ------------------------------------------------------------------------------------------ run
+
+    def run_evaluation(self) -> dict[str, float]:
+        self.model.eval()
+        try:
+            return self.evaluate(self.model, self.tokenizer)
+        finally:
+            self.model.train()
+
+    def batches(self) -> Iterable[dict[str, torch.Tensor]]:
+        return training_batches(
+            self.cfg.data, self.tokenizer, self.tokenizer.context_length, self.local_batch, self.cfg.loop.seed,
+            self.step, self.cfg.loop.steps, self.context.rank, self.context.world_size,
+        )
+
+    def fit(self, batches: Iterable[Mapping[str, torch.Tensor]] | None = None) -> TrainResult:
+        """Train from ``self.step`` to ``loop.steps``; stops early (after a checkpoint) on SIGTERM / SIGINT.
+
+        ``batches`` defaults to the configured stream from the current step. Raises NonFiniteLossError
+        (no checkpoint written for the failing step).
+        """
+        loop, main = self.cfg.loop, self.context.is_main
+        evaluating = self.evaluate is not None and main
+        if main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.yaml").write_text(dump_config(self.cfg))
+        if evaluating and self.step == 0 and self.eval_before is None:
+            self.eval_before = self.run_evaluation()
+        log = TensorboardLog(self.out_dir) if main else None
+        progress = tqdm(total=loop.steps, initial=self.step, desc="train", unit="step", disable=not main,
+                        dynamic_ncols=True)
+        saved_step = self.step
+        result = TrainResult("completed", self.step, None, eval_before=self.eval_before, history=self.history)
+        try:
+            with StopOnSignal() as stop:
+                tick = time.perf_counter()
+                for batch in batches if batches is not None else self.batches():
+                    if self.step >= loop.steps:
+                        break
+                    metrics = self.train_step(batch)
+                    now = time.perf_counter()
+                    metrics["images_per_s"] = loop.batch_size / (now - tick)
+                    tick = now
+                    self.history.append(metrics)
+                    progress.update()
+                    if main and (self.step % loop.log_every == 0 or self.step == loop.steps):
+                        progress.set_postfix_str(_postfix(metrics), refresh=False)
+                        log.scalars(self.step, metrics)
+                    if evaluating and self.cfg.eval.every and self.step % self.cfg.eval.every == 0 and self.step < loop.steps:
+                        log.scalars(self.step, self.run_evaluation(), prefix="eval")
+                    if any_rank([stop.requested is not None], self.context.device)[0]:
+                        result.checkpoint = self.save() if saved_step != self.step else self.out_dir / LAST
+                        result.status, result.signal_name = "interrupted", stop.requested or "signal on another rank"
+                        result.signal_number, result.step = stop.signal_number, self.step
+                        return result
+                    if self.step % loop.checkpoint_every == 0 or self.step == loop.steps:
+                        keep = bool(loop.keep_every) and self.step % loop.keep_every == 0
+                        result.checkpoint, saved_step = self.save(keep=keep), self.step
+        finally:
+            progress.close()
+            if log is not None:
+                log.close()
+        result.step = self.step
+        if main:
+            result.export = save_model(self.model, self.out_dir / FINAL)
+            if self.evaluate is not None:
+                result.eval_after = self.run_evaluation()
+        return result
+
+
+def _postfix(metrics: Mapping[str, float]) -> str:
+    shown = {name: value for name, value in metrics.items() if name not in ("lr", "teacher_momentum", "grad_norm")}
+    return " ".join(f"{name}={value:.3g}" for name, value in shown.items())
