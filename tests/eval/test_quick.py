@@ -1,0 +1,108 @@
+"""Quick evaluation on the scenes data: every metric, ranges, chance level, determinism, side effects."""
+
+import math
+import time
+
+import pytest
+import torch
+
+import tipstorch
+from tests.eval.tiny_model import tiny_tips
+from tipstorch.eval.quick import ALL_QUICK_TASKS, QuickEvalConfig, quick_evaluation
+
+# The documented metric names (tipstorch.eval.report / quick module docstring), by range.
+FRACTIONS = [
+    "zeroshot_cls/top1", "zeroshot_cls/top5", "zeroshot_seg/miou", "zeroshot_seg/pixel_accuracy",
+    *[f"{prefix}/{way}_r{k}" for prefix in ("retrieval", "retrieval_alt") for way in ("i2t", "t2i") for k in (1, 5, 10)],
+    "knn/top1", "knn/top5", "linear/top1", "linear/top5", "seg_probe/miou", "seg_probe/pixel_accuracy",
+    "depth_probe/delta1", "depth_dpt/delta1", "normals_dpt/within_11.25",
+]  # fmt: skip
+METRES_OR_RATIOS = ["depth_probe/rmse", "depth_probe/abs_rel", "depth_dpt/rmse", "depth_dpt/abs_rel"]
+DEGREES = ["normals_dpt/mean_deg", "normals_dpt/median_deg"]
+
+SMALL = QuickEvalConfig(
+    image_size=28, num_train=6, num_test=4, probe_iterations=2, probe_batch_size=2, linear_epochs=1,
+    dpt_channels=8, batch_size=4, tasks=ALL_QUICK_TASKS,
+)
+
+
+@pytest.fixture(scope="module")
+def small_run():
+    model = tiny_tips()
+    return quick_evaluation(model, tipstorch.get_tokenizer(model), SMALL, progress=False)
+
+
+def test_every_documented_metric_is_reported_and_nothing_else(small_run):
+    assert sorted(small_run) == sorted(FRACTIONS + METRES_OR_RATIOS + DEGREES)
+
+
+def test_fractions_lie_in_the_unit_interval(small_run):
+    for key in FRACTIONS:
+        assert 0.0 <= small_run[key] <= 1.0, key
+
+
+def test_depth_errors_are_positive_and_finite(small_run):
+    for key in METRES_OR_RATIOS:
+        assert 0.0 < small_run[key] < math.inf, key
+
+
+def test_normal_errors_are_angles(small_run):
+    for key in DEGREES:
+        assert 0.0 <= small_run[key] <= 180.0, key
+
+
+def test_top5_is_at_least_top1(small_run):
+    assert small_run["zeroshot_cls/top5"] >= small_run["zeroshot_cls/top1"]
+    assert small_run["retrieval/i2t_r10"] >= small_run["retrieval/i2t_r5"] >= small_run["retrieval/i2t_r1"]
+
+
+def test_task_subset_reports_only_its_metrics():
+    model = tiny_tips()
+    config = QuickEvalConfig(image_size=28, num_train=4, num_test=4, tasks=("knn", "retrieval"))
+    result = quick_evaluation(model, tipstorch.get_tokenizer(model), config, progress=False)
+    assert {key.split("/")[0] for key in result} == {"knn", "retrieval", "retrieval_alt"}
+
+
+def test_results_are_reproducible_and_the_caller_state_is_restored():
+    model = tiny_tips()
+    model.train()
+    tokenizer = tipstorch.get_tokenizer(model)
+    config = QuickEvalConfig(image_size=28, num_train=4, num_test=4, probe_iterations=2, tasks=("seg_probe", "linear"))
+    torch.manual_seed(123)
+    rng_before = torch.get_rng_state()
+    first = quick_evaluation(model, tokenizer, config, progress=False)
+    assert torch.equal(torch.get_rng_state(), rng_before)
+    assert model.training
+    assert quick_evaluation(model, tokenizer, config, progress=False) == first
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [({"tasks": ("knn", "imagenet")}, "subset"), ({"image_size": 100}, "multiple of 14"), ({"num_test": 1}, ">= 2")],
+)
+def test_bad_config_is_refused_with_the_reason(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        QuickEvalConfig(**overrides)
+
+
+def test_random_model_scores_near_chance_on_the_text_tasks():
+    """8 scene labels (the most frequent ~1/4 of scenes), 64 test captions, 8 shapes."""
+    model = tiny_tips(seed=1)
+    config = QuickEvalConfig(image_size=28, num_train=2, num_test=64, tasks=("zeroshot_cls", "zeroshot_seg", "retrieval"))
+    result = quick_evaluation(model, tipstorch.get_tokenizer(model), config, progress=False)
+    assert result["zeroshot_cls/top1"] <= 0.35
+    assert result["zeroshot_seg/miou"] <= 0.2
+    for key in ("retrieval/i2t_r1", "retrieval/t2i_r1", "retrieval_alt/i2t_r1", "retrieval_alt/t2i_r1"):
+        assert result[key] <= 0.1, key
+
+
+@pytest.mark.slow
+def test_default_quick_evaluation_of_tips_tiny_fits_the_budget():
+    torch.manual_seed(0)
+    model = tipstorch.create_model("tips-tiny")
+    start = time.perf_counter()
+    result = quick_evaluation(model, tipstorch.get_tokenizer(model), progress=False)
+    elapsed = time.perf_counter() - start
+    assert len(result) == len(FRACTIONS + METRES_OR_RATIOS + DEGREES) - 3  # depth_dpt is opt-in
+    assert all(math.isfinite(value) for value in result.values())
+    assert elapsed < 240, f"quick evaluation took {elapsed:.0f} s (budget ~120 s on 2 idle cores)"
