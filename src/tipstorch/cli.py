@@ -233,8 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
     convert.set_defaults(func=run_convert)
 
     from tipstorch.data.commands import add_data_parser
+    from tipstorch.train.commands import add_train_parser
 
     add_data_parser(commands)
+    add_train_parser(commands)
     return parser
 
 
