@@ -156,7 +156,7 @@ class Trainer:
         self.schedules = TrainingSchedules(cfg.schedule, cfg.optim, loop.steps)
         self.tokenizer = get_tokenizer(model)
         self.ddp = (
-            DistributedDataParallel(self.student, find_unused_parameters=True) if world > 1 else self.student
+            DistributedDataParallel(self.student) if world > 1 else self.student
         )
         self.step = 0
         self.eval_before: dict[str, float] | None = None
