@@ -146,7 +146,7 @@ def test_a_corrupt_last_checkpoint_falls_back_to_the_previous_one(tmp_path):
 def test_clip_only_recipe_trains_without_heads_teacher_or_masked_pass(tmp_path):
     trainer = tiny_trainer(tmp_path, "loop.steps=3", config="clip_only")
     assert trainer.student.dino_head is None and trainer.student.ibot_head is None and trainer.teacher is None
-    assert not trainer.student.needs_masked
+    assert not trainer.student.needs_masked and not trainer.model.visual.mask_token.requires_grad
     history = trainer.fit().history
     assert set(losses(history)[0]) == {"clip_global", "total", "grad_norm", "lr", "temperature", "teacher_momentum"}
     state, _ = load_checkpoint(tmp_path)

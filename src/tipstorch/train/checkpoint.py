@@ -72,9 +72,9 @@ def set_rng_state(state: dict[str, Any], rank: int = 0) -> None:
     if rank >= rows.shape[0]:
         logger.warning("checkpoint holds RNG states of %d rank(s); rank %d reuses the last", rows.shape[0], rank)
     row = min(rank, rows.shape[0] - 1)
-    torch.set_rng_state(rows[row])
+    torch.set_rng_state(rows[row].clone())  # a row view (storage offset) would be misread
     if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"][min(rank, state["cuda"].shape[0] - 1)])
+        torch.cuda.set_rng_state(state["cuda"][min(rank, state["cuda"].shape[0] - 1)].clone())
     numpy = state["numpy"]
     np.random.set_state(
         (numpy["name"], numpy["keys"].numpy().astype(np.uint32), numpy["position"], numpy["has_gauss"],

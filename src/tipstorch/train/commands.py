@@ -48,10 +48,10 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     return train
 
 
-def _quick_evaluation() -> Evaluate:
+def _quick_evaluation(tasks: list[str]) -> Evaluate:
     from tipstorch.eval.quick import QuickEvalConfig, quick_evaluation
 
-    config = QuickEvalConfig()
+    config = QuickEvalConfig(tasks=tuple(tasks)) if tasks else QuickEvalConfig()
     return lambda model, tokenizer: quick_evaluation(model, tokenizer, config, progress=True)
 
 
@@ -94,7 +94,7 @@ def _report(result: TrainResult, out_dir: Path) -> None:
 
 def run_train(args: argparse.Namespace) -> None:
     cfg, out_dir, state = _configure(args)
-    evaluate = _quick_evaluation() if cfg.eval.quick else None
+    evaluate = _quick_evaluation(cfg.eval.tasks) if cfg.eval.quick else None
     trainer = Trainer(cfg, out_dir=out_dir, resume=state, evaluate=evaluate)
     main = trainer.context.is_main
     if main:

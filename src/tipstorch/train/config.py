@@ -160,8 +160,8 @@ class LoopCfg:
 @dataclass
 class EvalCfg:
     every: int = 0  # steps between evaluations; 0 = only before and after training
-    tasks: list[str] = field(default_factory=list)
-    quick: bool = False  # run tipstorch.eval.quick (scenes zero-shot / retrieval) before and after training
+    tasks: list[str] = field(default_factory=list)  # quick-eval tasks (tipstorch.eval.quick); empty = its default set
+    quick: bool = False  # run tipstorch.eval.quick (scenes zero-shot / retrieval / probes) before and after training
 
 
 @dataclass

@@ -10,7 +10,7 @@ before or on the DataLoader workers. The data position saved in a checkpoint is 
 - a WebDataset shard pattern: ``ShardDataset`` deals shards to (rank, worker) consumers, each reads its
   share epoch after epoch (shard order and shuffle buffer seeded from seed and epoch) and groups samples
   into batches; the DataLoader takes batches from the workers in turn. Resume at step ``s`` makes each
-  consumer skip its batches before ``s``. Exactness limits: the same shards, ``num_workers`` and world
+  consumer skip its batches before ``s`` (and the batches are put back in step order). Exactness limits: the same shards, ``num_workers`` and world
   size as the interrupted run (the checkpoint records them and a change is reported); skipped samples
   are read and decoded again (no crops), so resuming late in a long run costs that read time.
 """
@@ -36,6 +36,7 @@ logger = logging.getLogger("tipstorch.train")
 
 SCENES = "scenes"
 BATCH_KEYS = ("global_crop", "local_crops", "patch_mask", "alt_tokens", "synthetic_tokens")
+STEP_KEY = "step"
 
 
 def batch_generator(seed: int, step: int, rank: int) -> torch.Generator:
@@ -116,7 +117,20 @@ class ShardBatches(IterableDataset):
         for own_index in itertools.count():
             chunk = list(itertools.islice(samples, self.local_batch))
             if own_index >= skip:
-                yield self.collator(chunk, own_index * workers + worker)
+                step = own_index * workers + worker
+                yield self.collator(chunk, step) | {STEP_KEY: torch.tensor(step)}
+
+
+def in_step_order(batches: Iterable[dict[str, Any]], start_step: int) -> Iterator[dict[str, Any]]:
+    """Batches tagged with their step, re-ordered by step (a resumed DataLoader asks its workers in turn
+    from worker 0, whose first batch need not be the resumed step's); holds at most num_workers batches."""
+    pending: dict[int, dict[str, Any]] = {}
+    expected = start_step
+    for batch in batches:
+        pending[int(batch.pop(STEP_KEY))] = batch
+        while expected in pending:
+            yield pending.pop(expected)
+            expected += 1
 
 
 def training_batches(
@@ -143,4 +157,5 @@ def training_batches(
         batches = SceneBatches(cfg, collator, local_batch, rank, world_size)
         return DataLoader(batches, batch_size=None, sampler=range(start_step, total_steps), **workers)
     batches = ShardBatches(cfg, collator, local_batch, seed, start_step, rank, world_size)
-    return itertools.islice(DataLoader(batches, batch_size=None, **workers), total_steps - start_step)
+    return itertools.islice(in_step_order(DataLoader(batches, batch_size=None, **workers), start_step),
+                            total_steps - start_step)

@@ -18,6 +18,7 @@ image-text model).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import random
@@ -154,9 +155,8 @@ class Trainer:
         self.loss = TIPSLoss(cfg.loss, cfg.heads.num_prototypes).to(self.context.device)
         self.optimizer = build_optimizer(self.student.named_parameters(), cfg.optim)
         self.schedules = TrainingSchedules(cfg.schedule, cfg.optim, loop.steps)
-        self.tokenizer = get_tokenizer(model)
         self.ddp = (
-            DistributedDataParallel(self.student, find_unused_parameters=True) if world > 1 else self.student
+            DistributedDataParallel(self.student) if world > 1 else self.student
         )
         self.step = 0
         self.eval_before: dict[str, float] | None = None
@@ -164,6 +164,11 @@ class Trainer:
         torch.manual_seed(loop.seed + self.context.rank)  # per-rank stream of the step's own draws (drop-path)
         if resume is not None:
             self.load_state_dict(resume)
+
+    @functools.cached_property
+    def tokenizer(self) -> Tokenizer:
+        """The model's tokenizer (loaded on first use: the official one may need a download)."""
+        return get_tokenizer(self.model)
 
     # ------------------------------------------------------------------------------------------ state
 
@@ -247,10 +252,11 @@ class Trainer:
         finite = bool(torch.isfinite(parts["total"])) and bool(torch.isfinite(grad_norm))
         if any_rank([not finite], self.context.device)[0]:
             shown = ", ".join(f"{name}={float(value):.4g}" for name, value in parts.items())
+            last = self.out_dir / LAST
+            kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
             raise NonFiniteLossError(
                 f"non-finite loss or gradient at step {self.step} ({shown}, grad_norm={float(grad_norm):.4g}); "
-                f"stopped before updating; the last good checkpoint is {self.out_dir / LAST} (if any). "
-                "Lower optim.lr, enable optim.grad_clip_norm or check the data."
+                f"stopped before updating, {kept}. Lower optim.lr, enable optim.grad_clip_norm or check the data."
             )
         self.loss.step_centers()
         self.optimizer.step()
@@ -290,9 +296,10 @@ class Trainer:
         if main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "config.yaml").write_text(dump_config(self.cfg))
+        log = TensorboardLog(self.out_dir) if main else None
         if evaluating and self.step == 0 and self.eval_before is None:
             self.eval_before = self.run_evaluation()
-        log = TensorboardLog(self.out_dir) if main else None
+            log.scalars(self.step, self.eval_before, prefix="eval")
         progress = tqdm(total=loop.steps, initial=self.step, desc="train", unit="step", disable=not main,
                         dynamic_ncols=True)
         saved_step = self.step
@@ -322,15 +329,17 @@ class Trainer:
                     if self.step % loop.checkpoint_every == 0 or self.step == loop.steps:
                         keep = bool(loop.keep_every) and self.step % loop.keep_every == 0
                         result.checkpoint, saved_step = self.save(keep=keep), self.step
+            result.step = self.step
+            progress.close()
+            if main:
+                result.export = save_model(self.model, self.out_dir / FINAL)
+                if self.evaluate is not None:
+                    result.eval_after = self.run_evaluation()
+                    log.scalars(self.step, result.eval_after, prefix="eval")
         finally:
             progress.close()
             if log is not None:
                 log.close()
-        result.step = self.step
-        if main:
-            result.export = save_model(self.model, self.out_dir / FINAL)
-            if self.evaluate is not None:
-                result.eval_after = self.run_evaluation()
         return result
 
 

@@ -57,6 +57,13 @@ class TIPSStudent(nn.Module):
         self.contrastive_on_masked = loss.contrastive_on_masked and contrastive
         self.needs_masked = self.ibot_head is not None or self.contrastive_on_masked
         self.needs_unmasked = (contrastive and not self.contrastive_on_masked) or (self.koleo and not self.needs_masked)
+        # What no term uses gets no gradient: freeze it, so that DDP (which expects a gradient for every
+        # trainable parameter) and the optimiser leave it alone.
+        if not self.needs_masked:
+            model.visual.mask_token.requires_grad_(False)
+        if not contrastive:
+            model.text.requires_grad_(False)
+            model.temperature.requires_grad_(False)
 
     @property
     def self_distillation(self) -> bool:
