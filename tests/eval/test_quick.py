@@ -18,7 +18,7 @@ FRACTIONS = [
     "depth_probe/delta1", "depth_dpt/delta1", "normals_dpt/within_11.25",
 ]  # fmt: skip
 METRES_OR_RATIOS = ["depth_probe/rmse", "depth_probe/abs_rel", "depth_dpt/rmse", "depth_dpt/abs_rel"]
-DEGREES = ["normals_dpt/mean_deg", "normals_dpt/median_deg"]
+DEGREES = ["normals_dpt/mean_deg", "normals_dpt/median_deg", "normals_dpt/rmse_deg"]
 
 SMALL = QuickEvalConfig(
     image_size=28, num_train=6, num_test=4, probe_iterations=2, probe_batch_size=2, linear_epochs=1,

@@ -14,7 +14,8 @@ def test_headline_renames_retrieval_and_keeps_only_table_metrics():
 def test_headline_names_normals_in_degrees():
     raw = {"mean": 20.0, "median": 10.0, "rmse": 30.0, "within_11.25": 0.4, "num_pixels": 5}
     assert headline("normals_dpt", raw) == {
-        "normals_dpt/mean_deg": 20.0, "normals_dpt/median_deg": 10.0, "normals_dpt/within_11.25": 0.4,
+        "normals_dpt/mean_deg": 20.0, "normals_dpt/median_deg": 10.0, "normals_dpt/rmse_deg": 30.0,
+        "normals_dpt/within_11.25": 0.4,
     }
 
 

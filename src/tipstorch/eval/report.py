@@ -10,10 +10,12 @@ output of a library function and renames them:
 | segmentation   | zeroshot_seg, seg_probe                 | miou, pixel_accuracy                            |
 | retrieval      | retrieval, retrieval_alt                | i2t_r1, i2t_r5, i2t_r10, t2i_r1, t2i_r5, t2i_r10 |
 | depth          | depth_probe, depth_dpt                  | rmse (m), abs_rel, delta1                       |
-| normals        | normals_dpt                             | mean_deg, median_deg, within_11.25              |
+| normals        | normals_dpt                             | mean_deg, median_deg, rmse_deg, within_11.25    |
 
 Accuracies, IoUs, recalls, delta1 and within_11.25 are fractions in [0, 1] (the paper prints
-them x100). Lower is better for rmse, abs_rel, mean_deg and median_deg; higher for the rest.
+them x100). Lower is better for rmse, abs_rel and the angles (*_deg); higher for the rest. The
+paper reports angular RMSE for normals (section 4.1); mean, median and % < 11.25 deg are the
+usual companions (El Banani et al.).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ HEADLINE_METRICS: dict[str, tuple[tuple[str, str], ...]] = {
         for k in (1, 5, 10)
     ),
     "depth": (("rmse", "rmse"), ("abs_rel", "abs_rel"), ("delta1", "delta1")),
-    "normals": (("mean", "mean_deg"), ("median", "median_deg"), ("within_11.25", "within_11.25")),
+    "normals": (("mean", "mean_deg"), ("median", "median_deg"), ("rmse", "rmse_deg"), ("within_11.25", "within_11.25")),
 }
 
 LOWER_IS_BETTER: frozenset[str] = frozenset({"rmse", "abs_rel", "log10", "mean_deg", "median_deg", "rmse_deg"})

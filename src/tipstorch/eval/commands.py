@@ -1,0 +1,235 @@
+"""``tipstorch eval``: the paper's evaluation tasks on standard datasets and on the built-in scenes.
+
+    tipstorch eval --model tipsv2-l14 --tasks zeroshot-seg --data ade20k=/data/ADEChallengeData2016
+    tipstorch eval --model runs/tiny_cpu/final.safetensors --tasks quick
+
+Writes a JSON file (model, tasks, data paths, protocol of every run, metrics, raw details, timings)
+and prints a markdown table of the metrics, keyed ``"<dataset>/<task>/<metric>"``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from tipstorch.eval.quick import QUICK_TASKS, QuickEvalConfig, quick_evaluation
+from tipstorch.eval.report import format_comparison
+
+# task -> the --data keys it can read, in the order of the paper's tables; "scenes" needs no path
+TASK_DATA: dict[str, tuple[str, ...]] = {
+    "zeroshot-cls": ("imagenet", "scenes"),
+    "zeroshot-seg": ("ade20k", "voc", "scenes"),
+    "retrieval": ("coco", "flickr30k", "docci", "scenes"),
+    "knn": ("imagenet", "scenes"),
+    "linear": ("imagenet", "scenes"),
+    "seg-probe": ("voc", "ade20k", "scenes"),
+    "depth-probe": ("nyu", "scenes"),
+    "normals-dpt": ("scenes",),  # no reader for NYUv2 surface normals yet
+    "depth-dpt": ("nyu", "scenes"),
+    "quick": ("scenes",),
+}
+DATA_KEYS: tuple[str, ...] = ("imagenet", "voc", "ade20k", "nyu", "coco", "flickr30k", "docci", "scenes")
+DATA_LAYOUTS: dict[str, str] = {
+    "imagenet": "folder with train/<wnid>/ and val/<wnid>/ (--class-names FILE for zero-shot prompts)",
+    "voc": "VOCdevkit/VOC2012 (or its parent): JPEGImages, SegmentationClass, ImageSets/Segmentation",
+    "ade20k": "ADEChallengeData2016: images/ and annotations/ {training,validation}",
+    "nyu": "BTS layout: official_splits/{train,test}/<scene>/{rgb_*.jpg, sync_depth_*.png}",
+    "coco": "folder with dataset_coco.json (Karpathy) and val2014/ (or images/val2014/)",
+    "flickr30k": "folder with dataset_flickr30k.json (Karpathy) and images/ or flickr30k-images/",
+    "docci": "folder with docci_descriptions.jsonlines and images/",
+    "scenes": "built in, no path",
+}
+
+
+def parse_tasks(text: str) -> list[str]:
+    """Comma list of task names -> list, in the given order, without repeats."""
+    tasks = list(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
+    unknown = [t for t in tasks if t not in TASK_DATA]
+    if unknown or not tasks:
+        raise argparse.ArgumentTypeError(f"unknown task(s) {unknown or text!r}; choose from {', '.join(TASK_DATA)}")
+    return tasks
+
+
+def parse_data(entries: list[str]) -> dict[str, Path | None]:
+    """``["imagenet=/data/in1k", "scenes"]`` -> {"imagenet": Path, "scenes": None}."""
+    data: dict[str, Path | None] = {}
+    for entry in entries:
+        key, sep, path = entry.partition("=")
+        key = key.strip().lower()
+        if key not in DATA_KEYS:
+            raise SystemExit(f"error: unknown --data key {key!r}; known keys: {', '.join(DATA_KEYS)}")
+        if key == "scenes":
+            data[key] = None
+            continue
+        if not sep or not path:
+            raise SystemExit(f"error: --data {key} needs a path: --data {key}=PATH ({DATA_LAYOUTS[key]})")
+        if not Path(path).exists():
+            raise SystemExit(f"error: --data {key}={path}: no such file or folder ({DATA_LAYOUTS[key]})")
+        data[key] = Path(path)
+    return data
+
+
+def plan_runs(tasks: list[str], data: dict[str, Path | None]) -> list[tuple[str, str]]:
+    """(task, data key) pairs to run; a task whose data is missing is one clear error."""
+    runs = []
+    for task in tasks:
+        scenes_only = TASK_DATA[task] == ("scenes",)  # quick, normals-dpt: nothing to point at
+        keys = [key for key in TASK_DATA[task] if key in data or scenes_only]
+        if not keys:
+            needed = " or ".join(f"--data {k}" if k == "scenes" else f"--data {k}=PATH" for k in TASK_DATA[task])
+            raise SystemExit(f"error: task {task} needs its evaluation data: {needed}")
+        runs.extend((task, key) for key in keys)
+    return runs
+
+
+def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``eval`` to a ``tipstorch`` subparsers object; dispatch with ``args.func(args)`` (= ``run_eval``)."""
+    from tipstorch.cli import add_model_arguments
+
+    epilog = "tasks and their --data keys:\n" + "\n".join(
+        f"  {task:<13} {', '.join(keys)}" for task, keys in TASK_DATA.items()
+    ) + "\n\ndata layouts:\n" + "\n".join(f"  {key:<10} {layout}" for key, layout in DATA_LAYOUTS.items())
+    parser = subparsers.add_parser(
+        "eval",
+        help="evaluate a model on the paper's tasks (or the quick scenes evaluation)",
+        description="Evaluate a frozen model: zero-shot classification / segmentation, retrieval, kNN, linear "
+        "classification and dense probes. Writes a JSON of all metrics and prints a markdown table.",
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--tasks", required=True, type=parse_tasks, help=f"comma list of: {', '.join(TASK_DATA)}")
+    parser.add_argument("--data", action="append", default=[], metavar="NAME=PATH",
+                        help="evaluation data (repeatable): " + ", ".join(f"{k}=PATH" for k in DATA_KEYS[:-1]) + ", scenes")
+    parser.add_argument("--out", type=Path, default=Path("eval_results.json"), help="JSON file of all results")
+    parser.add_argument("--table", type=Path, help="also write the markdown table to this file")
+    parser.add_argument("--image-size", type=int,
+                        help="square input size (default: per protocol: the model's size; kNN/linear 224; scenes 112)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-samples", type=int, help="random subset of at most N samples per split (smoke runs)")
+    parser.add_argument("--probe-iterations", type=int, help="dense probe iterations (default: the paper's 40k / 50k)")
+    parser.add_argument("--probe-batch-size", type=int, help="dense probe batch size (default: the paper's 16 / 8)")
+    parser.add_argument("--class-names", type=Path, help="JSON {folder: class name} for imagenet zero-shot prompts")
+    parser.add_argument("--seed", type=int, default=0, help="seed of --max-samples subsets and probes")
+    add_model_arguments(parser)
+    parser.set_defaults(func=run_eval)
+    return parser
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    for name in ("image_size", "batch_size", "max_samples", "probe_iterations", "probe_batch_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.image_size is not None and args.image_size % 14:
+        raise SystemExit(f"error: --image-size must be a multiple of 14 (the patch size), got {args.image_size}")
+    if args.class_names is not None and not args.class_names.is_file():
+        raise SystemExit(f"error: --class-names {args.class_names}: no such file")
+
+
+def scenes_config(args: argparse.Namespace, scene_tasks: list[str]) -> QuickEvalConfig:
+    """The quick evaluation config that ``--image-size``, ``--max-samples`` etc. ask for."""
+    default = QuickEvalConfig()
+    overrides: dict[str, Any] = {"tasks": scene_tasks, "batch_size": args.batch_size}
+    if args.image_size:
+        overrides["image_size"] = args.image_size
+    if args.max_samples:
+        overrides.update(num_train=min(default.num_train, args.max_samples), num_test=min(default.num_test, args.max_samples))
+    if args.probe_iterations:
+        overrides["probe_iterations"] = args.probe_iterations
+    if args.probe_batch_size:
+        overrides["probe_batch_size"] = args.probe_batch_size
+    try:
+        return QuickEvalConfig(**overrides)
+    except ValueError as error:
+        raise SystemExit(f"error: scenes evaluation: {error}") from error
+
+
+def _scene_tasks(tasks: list[str]) -> list[str]:
+    """CLI task names run on scenes -> quick task names (``quick`` = all default quick tasks)."""
+    names: list[str] = []
+    for task in tasks:
+        names.extend(QUICK_TASKS if task == "quick" else [task.replace("-", "_")])
+    return list(dict.fromkeys(names))
+
+
+def _run_scenes(args: argparse.Namespace, model, tokenizer, config: QuickEvalConfig) -> tuple[dict, dict, dict]:
+    """(metrics, protocol, details) of the scenes tasks: one quick evaluation."""
+    from tipstorch.cli import autocast
+
+    with autocast(args):
+        metrics = quick_evaluation(model, tokenizer, config)
+    protocol = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(config).items()}
+    return metrics, protocol, {}
+
+
+def _run_standard(context, task: str, key: str, root: Path) -> tuple[dict, dict, dict]:
+    """(metrics, protocol, details) of one task on one standard dataset; bad data is one clear error."""
+    from tipstorch.eval.standard import STANDARD_TASKS
+
+    try:
+        result = STANDARD_TASKS[task](context, key, root)
+    except (FileNotFoundError, KeyError, ValueError) as error:
+        raise SystemExit(f"error: {task} on {key}: {error}") from error
+    skipped = result.details.get("num_skipped", 0)
+    if skipped:
+        tqdm.write(f"{key}/{task}: skipped {skipped} corrupt sample(s) (paths in the log)", file=sys.stderr)
+    return result.metrics, result.protocol, result.details
+
+
+def run_eval(args: argparse.Namespace) -> dict[str, Any]:
+    """Run ``tipstorch eval``; returns the report that is written to ``--out``."""
+    from tipstorch.checkpoints import atomic_write
+    from tipstorch.cli import model_from_args
+    from tipstorch.eval.standard import EvalSettings, FrozenModel, TaskContext
+
+    _check_args(args)
+    data = parse_data(args.data)
+    runs = plan_runs(args.tasks, data)
+    scene_tasks = _scene_tasks([task for task, key in runs if key == "scenes"])
+    quick_config = scenes_config(args, scene_tasks) if scene_tasks else None
+
+    model, tokenizer = model_from_args(args)
+    torch.manual_seed(args.seed)  # probe heads are initialised from the global generator
+    settings = EvalSettings(args.image_size, args.batch_size, args.max_samples, args.probe_iterations,
+                            args.probe_batch_size, args.class_names, args.seed)
+    context = TaskContext(FrozenModel(model, tokenizer, args.device, args.bf16), settings)
+    report: dict[str, Any] = {
+        "model": str(args.model),
+        "random_init": bool(args.random),
+        "tasks": list(args.tasks),
+        "data": {key: None if path is None else str(path) for key, path in data.items()},
+        "settings": {"image_size": args.image_size, "batch_size": args.batch_size, "bf16": args.bf16,
+                     "device": str(args.device), "max_samples": args.max_samples, "seed": args.seed,
+                     "probe_iterations": args.probe_iterations, "probe_batch_size": args.probe_batch_size},
+        "protocol": {}, "metrics": {}, "details": {}, "seconds": {},
+    }
+    # every standard (task, dataset) pair, then all scenes tasks in one quick evaluation
+    jobs = [(f"{key}/{task.replace('-', '_')}", task, key) for task, key in runs if key != "scenes"]
+    jobs += [("scenes", "quick", "scenes")] if quick_config else []
+    progress = tqdm(jobs, desc="eval", unit="run")
+    for name, task, key in progress:
+        progress.set_postfix_str(name)
+        start = time.perf_counter()
+        if key == "scenes":
+            metrics, protocol, details = _run_scenes(args, model, tokenizer, quick_config)
+        else:
+            metrics, protocol, details = _run_standard(context, task, key, data[key])
+        report["metrics"].update({f"{key}/{metric}": value for metric, value in metrics.items()})
+        report["protocol"][name], report["seconds"][name] = protocol, round(time.perf_counter() - start, 2)
+        if details:
+            report["details"][name] = details
+
+    table = format_comparison({str(args.model) + (" (random)" if args.random else ""): report["metrics"]})
+    atomic_write(args.out, lambda path: Path(path).write_text(json.dumps(report, indent=2) + "\n"))
+    if args.table:
+        atomic_write(args.table, lambda path: Path(path).write_text(table))
+    print(table, end="")
+    print(f"wrote {args.out}")
+    return report
