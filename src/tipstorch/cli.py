@@ -233,10 +233,12 @@ def build_parser() -> argparse.ArgumentParser:
     convert.set_defaults(func=run_convert)
 
     from tipstorch.data.commands import add_data_parser
+    from tipstorch.eval.commands import add_eval_parser
     from tipstorch.train.commands import add_train_parser
 
     add_data_parser(commands)
     add_train_parser(commands)
+    add_eval_parser(commands)
     return parser
 
 
