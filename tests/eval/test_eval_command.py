@@ -151,15 +151,12 @@ def test_scenes_tasks_run_the_quick_evaluation(model_path, tmp_path, capsys):
     assert "scenes/normals_dpt/mean_deg" in capsys.readouterr().out
 
 
-def test_corrupt_image_is_skipped_and_counted(model_path, trees, tmp_path, capsys):
-    broken = trees["imagenet"] / "val" / "n01440764" / "broken.JPEG"
-    broken.write_bytes(b"not a jpeg")
-    try:
-        args = parse(["--model", str(model_path), "--tasks", "knn", "--data", f"imagenet={trees['imagenet']}",
-                      "--image-size", "28", "--out", str(tmp_path / "r.json")])
-        report = run_eval(args)
-    finally:
-        broken.unlink()
+def test_corrupt_image_is_skipped_and_counted(model_path, tmp_path, capsys):
+    root = layouts.imagenet(tmp_path / "in")
+    (root / "val" / "n01440764" / "broken.JPEG").write_bytes(b"not a jpeg")
+    args = parse(["--model", str(model_path), "--tasks", "knn", "--data", f"imagenet={root}", "--image-size", "28",
+                  "--out", str(tmp_path / "r.json")])
+    report = run_eval(args)
     assert report["details"]["imagenet/knn"]["num_skipped"] == 1
     assert report["details"]["imagenet/knn"]["num_test"] == 9
     assert "skipped 1 corrupt sample" in capsys.readouterr().err
@@ -170,6 +167,16 @@ def test_zeroshot_on_wnid_folders_asks_for_class_names(model_path, trees, tmp_pa
                   "--out", str(tmp_path / "r.json")])
     with pytest.raises(SystemExit, match="--class-names"):
         run_eval(args)
+
+
+def test_missing_split_folder_is_one_error_naming_the_expected_layout(model_path, tmp_path):
+    layouts.imagenet(tmp_path / "in")
+    (tmp_path / "in" / "train").rename(tmp_path / "in" / "training")
+    args = parse(["--model", str(model_path), "--tasks", "knn", "--data", f"imagenet={tmp_path / 'in'}",
+                  "--out", str(tmp_path / "r.json")])
+    with pytest.raises(SystemExit, match=r"knn on imagenet: imagenet: expected .*train/<class>/<image>"):
+        run_eval(args)
+    assert not (tmp_path / "r.json").exists()
 
 
 # ------------------------------------------------------------------ dense targets and subsets
@@ -210,12 +217,3 @@ def test_limit_takes_a_seeded_subset_in_dataset_order():
     assert indices == list(limit(dataset, 10, seed=3).indices) != list(limit(dataset, 10, seed=4).indices)
     assert limit(dataset, None, seed=3) is dataset
 
-
-def test_missing_split_folder_is_one_error_naming_the_expected_layout(model_path, tmp_path):
-    layouts.imagenet(tmp_path / "in")
-    (tmp_path / "in" / "train").rename(tmp_path / "in" / "training")
-    args = parse(["--model", str(model_path), "--tasks", "knn", "--data", f"imagenet={tmp_path / 'in'}",
-                  "--out", str(tmp_path / "r.json")])
-    with pytest.raises(SystemExit, match=r"knn on imagenet: imagenet: expected .*train/<class>/<image>"):
-        run_eval(args)
-    assert not (tmp_path / "r.json").exists()

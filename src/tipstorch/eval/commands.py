@@ -195,8 +195,8 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     scene_tasks = _scene_tasks([task for task, key in runs if key == "scenes"])
     quick_config = scenes_config(args, scene_tasks) if scene_tasks else None
 
+    torch.manual_seed(args.seed)  # --random weights and probe heads come from the global generator
     model, tokenizer = model_from_args(args)
-    torch.manual_seed(args.seed)  # probe heads are initialised from the global generator
     settings = EvalSettings(args.image_size, args.batch_size, args.max_samples, args.probe_iterations,
                             args.probe_batch_size, args.class_names, args.seed)
     context = TaskContext(FrozenModel(model, tokenizer, args.device, args.bf16), settings)

@@ -24,7 +24,7 @@ and the mIoU is over the eight shapes. The normals probe is trained and scored o
 only: the floor has one constant normal that any model predicts (with it, a random model would
 score ~9 deg mean error). Chance levels (what a random model should score, roughly):
 zeroshot_cls/top1 ~ 1/8 (the labels are not uniform: the most frequent shape is ~ 1/4),
-retrieval r1 ~ 1/num_test, zeroshot_seg/miou ~ 0.1. The probes learn from random features too
+retrieval r1 ~ 1/num_test, zeroshot_seg/miou ~ 0.03-0.07. The probes learn from random features too
 (colour, position), so their random-model numbers are a baseline to beat, not chance.
 
 Differences from the paper's protocols, all for speed: one resolution for everything
