@@ -89,17 +89,18 @@ args.func(args)
 """
 
 
-def test_sigterm_writes_a_checkpoint_and_exits_with_128_plus_15(tmp_path):
-    argv = tiny_args(tmp_path, "--steps", "100000", "--set", "loop.log_every=1")
+def test_sigterm_to_the_process_group_writes_a_checkpoint_and_exits_with_128_plus_15(tmp_path):
+    # As a cluster's scancel or Ctrl-C do: the signal reaches the DataLoader worker too.
+    argv = tiny_args(tmp_path, "--steps", "100000", "--set", "loop.log_every=1", "--set", "data.num_workers=1")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "src"), str(REPO)]), OMP_NUM_THREADS="1")
-    process = subprocess.Popen([sys.executable, "-c", SUBPROCESS, *argv], env=env, cwd=tmp_path,
+    process = subprocess.Popen([sys.executable, "-c", SUBPROCESS, *argv], env=env, cwd=tmp_path, start_new_session=True,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log = tmp_path / "log.jsonl"
     deadline = time.monotonic() + 60
     while not (log.exists() and log.read_text().count("\n") >= 3) and time.monotonic() < deadline:
         assert process.poll() is None, process.communicate()
         time.sleep(0.1)
-    process.send_signal(signal.SIGTERM)
+    os.killpg(process.pid, signal.SIGTERM)
     out, err = process.communicate(timeout=60)
     assert process.returncode == 128 + signal.SIGTERM, err
     state, path = load_checkpoint(tmp_path)

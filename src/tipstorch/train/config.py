@@ -155,6 +155,7 @@ class LoopCfg:
     log_every: int = 10
     out_dir: str = "runs/tips"
     seed: int = 0
+    threads: int = 0  # CPU threads of the training process (torch.set_num_threads); 0 = torch's default
 
 
 @dataclass

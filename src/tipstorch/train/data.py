@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import signal
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -133,6 +134,14 @@ def in_step_order(batches: Iterable[dict[str, Any]], start_step: int) -> Iterato
             expected += 1
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: leave SIGTERM / SIGINT to the main process, which finishes its step,
+    checkpoints and then stops the workers. A signal sent to the whole process group (Ctrl-C, a cluster's
+    scancel) would otherwise kill a worker and make the main process fail mid-step."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def training_batches(
     cfg: DataCfg,
     tokenize: Tokenize,
@@ -152,7 +161,7 @@ def training_batches(
     collator = BatchCollator(cfg, tokenize, context_length, seed, rank)
     # Own generator: starting the loader must not draw from the global RNG that the step itself uses.
     workers = {"num_workers": cfg.num_workers, "prefetch_factor": 2 if cfg.num_workers else None,
-               "generator": torch.Generator().manual_seed(seed)}
+               "generator": torch.Generator().manual_seed(seed), "worker_init_fn": ignore_stop_signals}
     if cfg.source == SCENES:
         batches = SceneBatches(cfg, collator, local_batch, rank, world_size)
         return DataLoader(batches, batch_size=None, sampler=range(start_step, total_steps), **workers)

@@ -140,6 +140,8 @@ class Trainer:
                 f"({world} x {loop.accumulation_steps})"
             )
         self.local_batch = loop.batch_size // world
+        if loop.threads > 0:
+            torch.set_num_threads(loop.threads)
         _seed_everything(loop.seed)  # the same initial weights on every rank
         if resume is None:
             model, start = build_model(cfg.model)
