@@ -8,6 +8,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from tipstorch.data.formats import CorruptSampleError
+from tipstorch.data.transforms import pil_to_tensor
 from tipstorch.eval.features import (
     embed_texts,
     extract_features,
@@ -15,7 +16,6 @@ from tipstorch.eval.features import (
     patch_features_encoder,
 )
 from tipstorch.eval.probes import IntermediateFeatures, PatchFeatures
-from tipstorch.eval.zeroshot import pil_to_tensor
 
 
 class GreyImages(Dataset):

@@ -9,9 +9,9 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from tipstorch.data.formats import CorruptSampleError
+from tipstorch.data.transforms import pil_to_tensor
 from tipstorch.eval.knn import KNNConfig, knn_classification, knn_scores
 from tipstorch.eval.retrieval import evaluate_retrieval, flatten_captions, retrieval_recall
-from tipstorch.eval.zeroshot import pil_to_tensor
 
 TRAIN_FEATURES = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0], [-2.0, 0.0]])
 TRAIN_LABELS = torch.tensor([0, 1, 1, 0])

@@ -51,6 +51,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import Dataset
 
+from tipstorch.data.transforms import pil_to_tensor
 from tipstorch.eval.features import SkippedSamples, TextEncoder, Tokenizer, embed_texts, iterate_samples
 from tipstorch.eval.metrics import SegmentationMetric, topk_accuracy
 from tipstorch.eval.templates import get_templates
@@ -157,12 +158,6 @@ def short_side_resize(image: Image.Image, size: int) -> Image.Image:
     if width < height:
         return image.resize((size, int(size * height / width)), Image.Resampling.BICUBIC)
     return image.resize((int(size * width / height), size), Image.Resampling.BICUBIC)
-
-
-def pil_to_tensor(image: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> float [3, H, W] in [0, 1]."""
-    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
 def sliding_windows(height: int, width: int, window: int, stride: int) -> list[tuple[int, int, int, int]]:
