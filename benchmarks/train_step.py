@@ -6,8 +6,8 @@ For each model (the paper recipe ``tips_<model>.yaml``: full EMA teacher, 32k pr
 global crop + 6 local crops at 98 px, masked and unmasked passes, two captions of 64 tokens) it times
 ``Trainer.train_step`` on synthetic batches (data loading excluded: see benchmarks/scenes.py) and
 prints a markdown table: images/s, seconds per step, model FLOPs per step, achieved FLOP/s and MFU =
-achieved / peak. The peak is measured here: a large square matmul in the same dtype (bf16 under
-autocast, fp32 otherwise). FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` on one
+achieved / peak. The peak is measured here, right after each row's steps (so under the same machine
+load): a large square matmul in the same dtype (bf16 under autocast, fp32 otherwise). FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` on one
 step (matmuls, convolutions and attention, forward and backward; the optimiser's element-wise work is not
 counted), CPU flash attention being added to its table with torch's own sdpa formulas.
 Run from the repository root with the package installed (``pip install -e .``) or ``PYTHONPATH=src``.
@@ -63,7 +63,7 @@ def synthetic_batch(trainer: Trainer, batch: int) -> dict[str, torch.Tensor]:
     }
 
 
-def measure(model: str, dtype: str, batch: int, steps: int, peaks: dict[str, float]) -> dict:
+def measure(model: str, dtype: str, batch: int, steps: int) -> dict:
     cfg = load_config(resolve_config(f"tips_{model}"), [f"loop.batch_size={batch}", f"loop.bf16={dtype == 'bf16'}",
                                                        "loop.steps=1000", "model.grad_checkpointing=false"])
     with tempfile.TemporaryDirectory() as out_dir:
@@ -76,11 +76,12 @@ def measure(model: str, dtype: str, batch: int, steps: int, peaks: dict[str, flo
         for _ in range(steps):
             trainer.train_step(inputs)
         seconds = (time.perf_counter() - start) / steps
+    peak = matmul_peak(torch.bfloat16 if dtype == "bf16" else torch.float32)  # under the same load as the step
     achieved = flops / seconds
     return {
         "model": model, "dtype": dtype, "batch": batch, "images_per_s": batch / seconds, "seconds_per_step": seconds,
-        "gflop_per_step": flops / 1e9, "achieved_gflop_s": achieved / 1e9, "peak_gflop_s": peaks[dtype] / 1e9,
-        "mfu": achieved / peaks[dtype],
+        "gflop_per_step": flops / 1e9, "achieved_gflop_s": achieved / 1e9, "peak_gflop_s": peak / 1e9,
+        "mfu": achieved / peak,
     }
 
 
@@ -93,10 +94,8 @@ def main() -> None:
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args()
 
-    peaks = {"bf16": matmul_peak(torch.bfloat16), "fp32": matmul_peak(torch.float32)}
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; matmul peak: "
-          f"bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s, fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s")
-    rows = [measure(model, dtype, args.batch, args.steps, peaks) for model in args.models for dtype in args.dtypes]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    rows = [measure(model, dtype, args.batch, args.steps) for model in args.models for dtype in args.dtypes]
     print("\n| model | dtype | batch | images/s | s/step | GFLOP/step | achieved GFLOP/s | peak GFLOP/s | MFU |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
