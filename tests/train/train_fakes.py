@@ -6,27 +6,15 @@ returns features with ``global_cls`` [B, D], ``spatial_cls`` [B, D], ``patch_tok
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 from tipstorch.models.heads import ProjectionHead
+from tipstorch.models.vit import ImageFeatures
 from tipstorch.train.config import LossCfg, LossWeights
 from tipstorch.train.losses import TIPSLoss
 
 PATCH = 14
-
-
-@dataclass
-class FakeFeatures:
-    global_cls: torch.Tensor
-    spatial_cls: torch.Tensor
-    patch_tokens: torch.Tensor
-
-    @property
-    def flat(self) -> torch.Tensor:
-        return self.patch_tokens.flatten(1, 2)
 
 
 class FakeBackbone(nn.Module):
@@ -41,7 +29,7 @@ class FakeBackbone(nn.Module):
         self.mix = nn.Linear(dim, dim)
         self.norm = nn.LayerNorm(dim)
 
-    def forward_features(self, images: torch.Tensor, patch_mask: torch.Tensor | None = None) -> FakeFeatures:
+    def forward_features(self, images: torch.Tensor, patch_mask: torch.Tensor | None = None) -> ImageFeatures:
         batch, _, height, width = images.shape
         rows, cols = height // PATCH, width // PATCH
         patches = images.unfold(2, PATCH, PATCH).unfold(3, PATCH, PATCH)  # [B, 3, h, w, p, p]
@@ -53,7 +41,7 @@ class FakeBackbone(nn.Module):
         tokens = tokens + torch.tanh(self.mix(context))
         cls = self.cls_token.unsqueeze(0) + context
         out = self.norm(torch.cat([cls, tokens], dim=1))
-        return FakeFeatures(out[:, 0], out[:, 1], out[:, 2:].reshape(batch, rows, cols, -1))
+        return ImageFeatures(out[:, 0], out[:, 1], out[:, 2:].reshape(batch, rows, cols, -1))
 
 
 class FakeTextTower(nn.Module):
@@ -100,7 +88,7 @@ def make_batch(batch: int = 4, local_crops: int = 2, seed: int = 0, size: int = 
     }
 
 
-def contrastive_embeddings(student: FakeStudent, micro_batch: dict, features: FakeFeatures | None = None) -> dict:
+def contrastive_embeddings(student: FakeStudent, micro_batch: dict, features: ImageFeatures | None = None) -> dict:
     if features is None:
         features = student.backbone.forward_features(micro_batch["global_crop"])
     return {
