@@ -5,23 +5,19 @@ import copy
 import pytest
 import torch
 
-from tests.train.train_fakes import contrastive_embeddings, make_batch, make_student, tips_forward, tips_loss
-from tipstorch.train.contrastive_accum import accumulate_gradients, scale_gradient, splice, split_batch
+from tests.train.train_fakes import (
+    accumulated_tips_step,
+    make_batch,
+    make_student,
+    tips_loss,
+)
+from tipstorch.train.contrastive_accum import scale_gradient, splice, split_batch
 from tipstorch.train.teacher import EMATeacher
 
 
 def run_step(student, teacher, loss, batch, micro_batches, **kwargs):
     student.zero_grad(set_to_none=True)
-    parts = accumulate_gradients(
-        split_batch(batch, micro_batches),
-        embed=lambda mb: contrastive_embeddings(student, mb),
-        forward=lambda mb: tips_forward(student, teacher, loss, mb),
-        contrastive=loss.contrastive_parts,
-        total=loss.total,
-        temperature=student.temperature,
-        **kwargs,
-    )
-    loss.step_centers()
+    parts = accumulated_tips_step(student, teacher, loss, batch, micro_batches, **kwargs)
     return parts, {name: p.grad.clone() for name, p in student.named_parameters() if p.grad is not None}
 
 

@@ -11,8 +11,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tests.train.train_fakes import contrastive_embeddings, make_batch, make_student, tips_forward, tips_loss
-from tipstorch.train.contrastive_accum import accumulate_gradients, split_batch
+from tests.train.train_fakes import (
+    accumulated_tips_step,
+    make_batch,
+    make_student,
+    tips_loss,
+)
 from tipstorch.train.losses import ContrastiveLoss, ScoreCentering
 from tipstorch.train.teacher import EMATeacher
 
@@ -28,18 +32,6 @@ def features(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 def centre_scores() -> torch.Tensor:
     return torch.arange(ROWS * 3, dtype=torch.float32).reshape(ROWS, 3) ** 0.5
 
-
-def tips_step(student, teacher, loss, batch: dict, micro_batches: int) -> dict:
-    parts = accumulate_gradients(
-        split_batch(batch, micro_batches),
-        embed=lambda mb: contrastive_embeddings(student, mb),
-        forward=lambda mb: tips_forward(student, teacher, loss, mb),
-        contrastive=loss.contrastive_parts,
-        total=loss.total,
-        temperature=student.temperature,
-    )
-    loss.step_centers()
-    return parts
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
@@ -62,7 +54,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
     student = make_student()
     teacher, recipe_loss = EMATeacher(student.parts(), mode="full"), tips_loss()
-    parts = tips_step(student, teacher, recipe_loss, {k: v[rows] for k, v in make_batch(batch=ROWS).items()}, 2)
+    parts = accumulated_tips_step(student, teacher, recipe_loss, {k: v[rows] for k, v in make_batch(batch=ROWS).items()}, 2)
     for parameter in student.parameters():  # what DDP does: average the gradients over ranks
         dist.all_reduce(parameter.grad)
         parameter.grad /= WORLD
@@ -116,10 +108,10 @@ def test_centre_is_all_reduced_to_the_global_batch_mean_on_every_rank(ranks):
         torch.testing.assert_close(result["center"], expected)
 
 
-def test_two_ranks_with_accumulation_match_one_process_full_batch_tips_step(ranks):
+def test_two_ranks_with_accumulation_match_one_process_full_batch_accumulated_tips_step(ranks):
     student = make_student()
     teacher, loss = EMATeacher(student.parts(), mode="full"), tips_loss()
-    parts = tips_step(student, teacher, loss, make_batch(batch=ROWS), 1)
+    parts = accumulated_tips_step(student, teacher, loss, make_batch(batch=ROWS), 1)
     torch.testing.assert_close(sum(result["tips_total"] for result in ranks) / WORLD, parts["total"])
     for name, parameter in student.named_parameters():
         for result in ranks:

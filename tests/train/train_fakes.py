@@ -12,6 +12,7 @@ from torch import nn
 from tipstorch.models.heads import ProjectionHead
 from tipstorch.models.vit import ImageFeatures
 from tipstorch.train.config import LossCfg, LossWeights
+from tipstorch.train.contrastive_accum import accumulate_gradients, split_batch
 from tipstorch.train.losses import TIPSLoss
 
 PATCH = 14
@@ -128,3 +129,19 @@ def make_student(seed: int = 0) -> FakeStudent:
 
 def tips_loss(prototypes: int = 32, **weights: float) -> TIPSLoss:
     return TIPSLoss(LossCfg(weights=LossWeights(**weights)), num_prototypes=prototypes)
+
+
+def accumulated_tips_step(student, teacher, loss, batch: dict, micro_batches: int, **kwargs) -> dict:
+    """One TIPS step split into ``micro_batches`` with contrastive-exact accumulation; returns the loss parts.
+    ``kwargs`` go to ``accumulate_gradients`` (autocast_dtype, no_sync)."""
+    parts = accumulate_gradients(
+        split_batch(batch, micro_batches),
+        embed=lambda mb: contrastive_embeddings(student, mb),
+        forward=lambda mb: tips_forward(student, teacher, loss, mb),
+        contrastive=loss.contrastive_parts,
+        total=loss.total,
+        temperature=student.temperature,
+        **kwargs,
+    )
+    loss.step_centers()
+    return parts
