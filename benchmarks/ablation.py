@@ -1,0 +1,205 @@
+"""The paper's Table 1 ladder on the built-in scenes, at equal compute, over several seeds.
+
+Every variant trains the same model for the same steps, batch and image sizes (the main job's
+``tiny_cpu`` settings); only the loss terms, the captions and the teacher differ:
+
+  a  clip_only        CLIP on the noisy alt-text, one CLS (Table 1 (A))
+  b  dual_cls         + synthetic spatial captions on the second CLS (Table 1 (B))
+  c  self_distill     + self-distillation, DINO on local crops, full EMA teacher (Table 1 (C))
+  d  tips             + masked image modelling, iBOT on masked tokens = TIPS (Table 1 (D))
+  e  tipsv2           iBOT++, head-only EMA, multi-granularity captions = TIPSv2 (the main job)
+  d+ tips_ibotpp      TIPS with iBOT++ only (single change: iBOT vs iBOT++)
+  e- tipsv2_full_ema  TIPSv2 with a full EMA teacher (single change: head-only vs full EMA)
+
+Each (variant, seed) trains in its own process (``tipstorch train``; peak memory is that process
+tree's maximum resident set), then ``tipstorch eval --tasks quick`` scores the exported model. Results:
+``OUT/results.json`` (every run), ``OUT/ablation.md`` (mean +- std over seeds) and ``OUT/ablation.png``.
+
+    python benchmarks/ablation.py --seeds 0,1,2 --out runs/ablation     # the full sweep
+    python benchmarks/ablation.py --quick --out runs/ablation-quick     # every variant trains and evaluates
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+CLI = [sys.executable, "-m", "tipstorch.cli"]
+
+
+@dataclass(frozen=True)
+class Variant:
+    key: str
+    config: str
+    label: str
+
+
+VARIANTS: tuple[Variant, ...] = (
+    Variant("a", "ablation_a_clip_only", "CLIP, alt-text, one CLS"),
+    Variant("b", "ablation_b_dual_cls", "+ spatial captions, dual CLS"),
+    Variant("c", "ablation_c_self_distill", "+ self-distillation"),
+    Variant("d", "ablation_d_tips", "+ masked modelling (TIPS)"),
+    Variant("e", "tiny_cpu", "TIPSv2 (main job)"),
+    Variant("d+", "ablation_d_tips_ibotpp", "TIPS + iBOT++"),
+    Variant("e-", "ablation_e_tipsv2_full_ema", "TIPSv2, full EMA"),
+)
+
+# (metric key in eval.json, column title, higher is better)
+METRICS: tuple[tuple[str, str, bool], ...] = (
+    ("seg_probe/miou", "seg probe mIoU", True),
+    ("depth_probe/rmse", "depth RMSE", False),
+    ("normals_dpt/mean_deg", "normals mean deg", False),
+    ("zeroshot_seg/miou", "zero-shot seg mIoU", True),
+    ("zeroshot_cls/top1", "zero-shot cls top1", True),
+    ("retrieval_alt/i2t_r1", "CLS1 alt i2t R@1", True),
+    ("retrieval/i2t_r1", "CLS2 spatial i2t R@1", True),
+    ("train/seconds_per_step", "s/step", False),
+    ("train/peak_rss_gb", "peak GB", False),
+)
+
+
+def run_measured(command: list[str], log: Path) -> tuple[float, float]:
+    """Run a command to completion; (wall seconds, peak resident set in GB of it and its children)."""
+    start = time.perf_counter()
+    with log.open("w") as handle:
+        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=os.environ | {"PYTHONUNBUFFERED": "1"})
+        _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{' '.join(command)} failed (exit {os.waitstatus_to_exitcode(status)}); see {log}")
+    return seconds, usage.ru_maxrss / 2**20
+
+
+def run_one(variant: Variant, seed: int, args: argparse.Namespace) -> dict:
+    run_dir = args.out / f"{variant.config}-seed{seed}"
+    result_file = run_dir / "result.json"
+    if result_file.exists() and not args.force:
+        return json.loads(result_file.read_text())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    settings = [f"loop.seed={seed}", f"loop.steps={args.steps}", f"loop.out_dir={run_dir}", "eval.quick=false",
+                f"loop.checkpoint_every={args.steps}"]
+    train = [*CLI, "train", "--config", variant.config, *[x for s in settings for x in ("--set", s)]]
+    train_seconds, peak_gb = run_measured(train, run_dir / "train.log")
+    evaluate = [*CLI, "eval", "--model", str(run_dir / "final.safetensors"), "--tasks", "quick",
+                "--out", str(run_dir / "eval.json"), "--seed", str(seed), *args.eval_args]
+    run_measured(evaluate, run_dir / "eval.log")
+    metrics = json.loads((run_dir / "eval.json").read_text())["results"]
+    rates = [json.loads(line)["train"]["images_per_s"] for line in (run_dir / "log.jsonl").read_text().splitlines()
+             if '"train"' in line]
+    result = {"variant": variant.key, "config": variant.config, "seed": seed, "steps": args.steps,
+              "metrics": metrics, "train_seconds": train_seconds, "peak_rss_gb": peak_gb, "images_per_s": rates}
+    result_file.write_text(json.dumps(result, indent=1))
+    print(f"{variant.key:>3} seed {seed}: " + ", ".join(f"{title} {metrics.get(key, math.nan):.3f}"
+                                                       for key, title, _ in METRICS[:7]), flush=True)
+    return result
+
+
+def summarise(results: list[dict]) -> dict[str, dict[str, tuple[float, float, int]]]:
+    """variant key -> metric key -> (mean, sample std, number of seeds)."""
+    table: dict[str, dict[str, tuple[float, float, int]]] = {}
+    for variant in VARIANTS:
+        runs = [r for r in results if r["variant"] == variant.key]
+        if not runs:
+            continue
+        values: dict[str, list[float]] = {}
+        for run in runs:
+            row = dict(run["metrics"])
+            row["train/seconds_per_step"] = statistics.median(32 / rate for rate in run["images_per_s"][1:] or run["images_per_s"])
+            row["train/peak_rss_gb"] = run["peak_rss_gb"]
+            for key, _, _ in METRICS:
+                if key in row:
+                    values.setdefault(key, []).append(float(row[key]))
+        table[variant.key] = {
+            key: (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v)) for key, v in values.items()
+        }
+    return table
+
+
+def format_table(table: dict[str, dict[str, tuple[float, float, int]]]) -> str:
+    """Markdown: one row per variant, mean +- std over seeds for every metric."""
+    header = "| rung | variant | seeds | " + " | ".join(f"{title} {'↑' if up else '↓'}" for _, title, up in METRICS) + " |"
+    lines = [header, "|---|---|---:|" + "---:|" * len(METRICS)]
+    for variant in VARIANTS:
+        row = table.get(variant.key)
+        if row is None:
+            continue
+        seeds = max(count for _, _, count in row.values())
+        cells = [f"{row[key][0]:.3f} ± {row[key][1]:.3f}" if key in row else "-" for key, _, _ in METRICS]
+        lines.append(f"| {variant.key} | {variant.label} | {seeds} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(table: dict[str, dict[str, tuple[float, float, int]]], path: Path) -> None:
+    """One panel per metric: mean with a bar of +- one std over seeds, variants in ladder order."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [v.key for v in VARIANTS if v.key in table]
+    figure, axes = plt.subplots(3, 3, figsize=(13, 10))
+    for axis, (metric, title, up) in zip(axes.flat, METRICS):
+        means = [table[k].get(metric, (math.nan, 0.0, 0))[0] for k in keys]
+        spreads = [table[k].get(metric, (math.nan, 0.0, 0))[1] for k in keys]
+        axis.bar(keys, means, yerr=spreads, capsize=3, color=["#9aa" if k in ("d+", "e-") else "#4a7" for k in keys])
+        axis.set_title(f"{title} ({'higher' if up else 'lower'} is better)", fontsize=10)
+        low = min(m - s for m, s in zip(means, spreads))
+        high = max(m + s for m, s in zip(means, spreads))
+        margin = 0.15 * (high - low) if high > low else 0.1 * abs(high) + 1e-3
+        axis.set_ylim(low - margin, high + margin)
+    figure.suptitle("TIPS ablation ladder on scenes (mean ± std over seeds)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+
+
+QUICK_EVAL_ARGS = ["--quick-num-train", "64", "--quick-num-test", "32", "--probe-iterations", "10"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", default="0,1,2", help="comma list of training seeds")
+    parser.add_argument("--steps", type=int, default=None, help="steps of every variant (default: the main job's)")
+    parser.add_argument("--out", type=Path, default=Path("runs/ablation"))
+    parser.add_argument("--variants", default=",".join(v.key for v in VARIANTS), help="comma list of rung keys")
+    parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (each uses one torch thread + one data worker)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 3 steps, one seed, a tiny evaluation")
+    parser.add_argument("--force", action="store_true", help="rerun runs that already have a result.json")
+    args = parser.parse_args()
+    seeds = [int(seed) for seed in args.seeds.split(",")]
+    chosen = [v for v in VARIANTS if v.key in args.variants.split(",")]
+    if args.quick:
+        args.steps, seeds, args.eval_args = args.steps or 3, seeds[:1], QUICK_EVAL_ARGS
+    else:
+        args.eval_args = []
+        if args.steps is None:
+            from tipstorch.train.config import load_config, resolve_config
+
+            args.steps = load_config(resolve_config("tiny_cpu")).loop.steps
+    args.out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    jobs = [(variant, seed) for seed in seeds for variant in chosen]
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        results = list(pool.map(lambda job: run_one(job[0], job[1], args), jobs))
+    minutes = (time.perf_counter() - start) / 60
+    table = summarise(results)
+    (args.out / "results.json").write_text(json.dumps({"steps": args.steps, "seeds": seeds, "minutes": minutes,
+                                                       "runs": results, "summary": table}, indent=1))
+    markdown = format_table(table)
+    (args.out / "ablation.md").write_text(markdown + f"\n{len(jobs)} runs of {args.steps} steps, seeds {seeds}, "
+                                          f"{args.jobs} in parallel: {minutes:.1f} min.\n")
+    plot(table, args.out / "ablation.png")
+    print(markdown + f"{len(jobs)} runs in {minutes:.1f} min; wrote {args.out}/results.json, ablation.md, ablation.png")
+
+
+if __name__ == "__main__":
+    main()
