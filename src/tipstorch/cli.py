@@ -27,7 +27,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def model_from_args(args: argparse.Namespace):
     """The model and tokenizer that ``--model`` / ``--random`` name, in eval mode on ``--device``."""
-    from tipstorch.factory import create_model, get_tokenizer, load_model
+    from tipstorch.weights.factory import create_model, get_tokenizer, load_model
 
     if args.random:
         model = create_model(args.model, pretrained=False, device=args.device)
@@ -168,7 +168,9 @@ def run_segment(args: argparse.Namespace) -> None:
 
 def run_convert(args: argparse.Namespace) -> None:
     """Write a model in another checkpoint format."""
-    from tipstorch.checkpoints import save_model, save_official, save_transformers
+    from tipstorch.weights.official import save_official
+    from tipstorch.weights.tipstorch_file import save_model
+    from tipstorch.weights.transformers import save_transformers
 
     model, _ = model_from_args(args)
     out = Path(args.out)

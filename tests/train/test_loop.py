@@ -9,9 +9,9 @@ import torch
 
 import tipstorch
 from tests.train.loop_helpers import losses, parameters, signal_after, tiny_trainer
-from tipstorch.checkpoints import CheckpointError
-from tipstorch.train.checkpoint import FINAL, LAST, PREVIOUS, load_checkpoint
 from tipstorch.train.loop import LOG_FILE, NonFiniteLossError, Trainer
+from tipstorch.train.run_state import FINAL, LAST, PREVIOUS, load_checkpoint
+from tipstorch.weights.state_io import CheckpointError
 
 
 def test_a_50_step_run_on_16_scenes_lowers_the_contrastive_losses_below_chance(tmp_path):

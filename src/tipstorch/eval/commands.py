@@ -185,9 +185,9 @@ def _run_standard(context, task: str, key: str, root: Path) -> tuple[dict, dict,
 
 def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     """Run ``tipstorch eval``; returns the report that is written to ``--out``."""
-    from tipstorch.checkpoints import atomic_write
     from tipstorch.cli import model_from_args
     from tipstorch.eval.standard import EvalSettings, FrozenModel, TaskContext
+    from tipstorch.weights.state_io import atomic_write
 
     _check_args(args)
     data = parse_data(args.data)

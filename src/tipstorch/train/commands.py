@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from tipstorch.train.checkpoint import load_checkpoint
 from tipstorch.train.config import TrainCfg, config_from_dict, load_config, resolve_config, shipped_configs
 from tipstorch.train.loop import Evaluate, NonFiniteLossError, Trainer, TrainResult
+from tipstorch.train.run_state import load_checkpoint
 
 DEFAULT_CONFIG = "tiny_cpu"
 RESUME_OUT_DIR = "<out dir>"
