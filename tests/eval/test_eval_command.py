@@ -11,7 +11,7 @@ import torch
 import tipstorch
 from tests.eval import layouts
 from tests.eval.tiny_model import tiny_tips
-from tipstorch.eval.commands import add_eval_parser, parse_data, plan_runs, run_eval
+from tipstorch.cli.eval import add_eval_parser, parse_data, plan_runs, run_eval
 from tipstorch.eval.quick import QUICK_TASKS
 from tipstorch.eval.standard import SquareTargets, limit
 

@@ -398,7 +398,7 @@ def run_depth_dpt(ctx: TaskContext, key: str, root: Path) -> TaskResult:
 
 Runner = Callable[[TaskContext, str, Path], TaskResult]
 
-# CLI task -> runner; the --data keys each task reads are ``tipstorch.eval.commands.TASK_DATA``
+# CLI task -> runner; the --data keys each task reads are ``tipstorch.cli.eval.TASK_DATA``
 STANDARD_TASKS: dict[str, Runner] = {
     "zeroshot-cls": run_zeroshot_cls,
     "zeroshot-seg": run_zeroshot_seg,

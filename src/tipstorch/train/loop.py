@@ -47,7 +47,6 @@ from tipstorch.train.run_state import FINAL, LAST, StopOnSignal, rng_state, save
 from tipstorch.train.schedules import ScheduleValues, TrainingSchedules
 from tipstorch.train.student import TIPSStudent, self_supervised_parts
 from tipstorch.train.teacher import FrozenTeacher
-from tipstorch.weights.factory import get_tokenizer
 from tipstorch.weights.tipstorch_file import save_model
 
 logger = logging.getLogger("tipstorch.train")
@@ -114,6 +113,8 @@ class Trainer:
 
     Args:
         cfg: the recipe.
+        tokenizer_for: model -> its tokenizer (e.g. ``tipstorch.get_tokenizer``), called on first use (the
+            official tokenizer may need a download).
         out_dir: where logs and checkpoints go (default ``cfg.loop.out_dir``).
         resume: a state read by ``run_state.load_checkpoint``; the model is rebuilt from its saved
             architecture (``model.init`` is not loaded again) and every state restored.
@@ -125,12 +126,13 @@ class Trainer:
     def __init__(
         self,
         cfg: TrainCfg,
+        tokenizer_for: Callable[[TIPSModel], Tokenizer],
         out_dir: str | Path | None = None,
         resume: Mapping[str, Any] | None = None,
         evaluate: Evaluate | None = None,
         context: DistributedContext | None = None,
     ) -> None:
-        self.cfg, self.evaluate = cfg, evaluate
+        self.cfg, self.evaluate, self.tokenizer_for = cfg, evaluate, tokenizer_for
         self.out_dir = Path(out_dir if out_dir is not None else cfg.loop.out_dir)
         self.context = context or setup_distributed()
         loop, world = cfg.loop, self.context.world_size
@@ -170,7 +172,7 @@ class Trainer:
     @functools.cached_property
     def tokenizer(self) -> Tokenizer:
         """The model's tokenizer (loaded on first use: the official one may need a download)."""
-        return get_tokenizer(self.model)
+        return self.tokenizer_for(self.model)
 
     # ------------------------------------------------------------------------------------------ state
 

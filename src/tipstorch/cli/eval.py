@@ -19,8 +19,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from tipstorch.cli.model_args import add_model_arguments, autocast, model_from_args
 from tipstorch.eval.quick import QUICK_TASKS, QuickEvalConfig, quick_evaluation
 from tipstorch.eval.report import format_comparison
+from tipstorch.eval.standard import STANDARD_TASKS, EvalSettings, FrozenModel, TaskContext
+from tipstorch.weights.state_io import atomic_write
 
 # task -> the --data keys it can read, in the order of the paper's tables; "scenes" needs no path
 TASK_DATA: dict[str, tuple[str, ...]] = {
@@ -91,8 +94,6 @@ def plan_runs(tasks: list[str], data: dict[str, Path | None]) -> list[tuple[str,
 
 def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add ``eval`` to a ``tipstorch`` subparsers object; dispatch with ``args.func(args)`` (= ``run_eval``)."""
-    from tipstorch.cli import add_model_arguments
-
     epilog = "tasks and their --data keys:\n" + "\n".join(
         f"  {task:<13} {', '.join(keys)}" for task, keys in TASK_DATA.items()
     ) + "\n\ndata layouts:\n" + "\n".join(f"  {key:<10} {layout}" for key, layout in DATA_LAYOUTS.items())
@@ -161,8 +162,6 @@ def _scene_tasks(tasks: list[str]) -> list[str]:
 
 def _run_scenes(args: argparse.Namespace, model, tokenizer, config: QuickEvalConfig) -> tuple[dict, dict, dict]:
     """(metrics, protocol, details) of the scenes tasks: one quick evaluation."""
-    from tipstorch.cli import autocast
-
     with autocast(args):
         metrics = quick_evaluation(model, tokenizer, config)
     protocol = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(config).items()}
@@ -171,8 +170,6 @@ def _run_scenes(args: argparse.Namespace, model, tokenizer, config: QuickEvalCon
 
 def _run_standard(context, task: str, key: str, root: Path) -> tuple[dict, dict, dict]:
     """(metrics, protocol, details) of one task on one standard dataset; bad data is one clear error."""
-    from tipstorch.eval.standard import STANDARD_TASKS
-
     try:
         result = STANDARD_TASKS[task](context, key, root)
     except (FileNotFoundError, KeyError, ValueError) as error:
@@ -185,10 +182,6 @@ def _run_standard(context, task: str, key: str, root: Path) -> tuple[dict, dict,
 
 def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     """Run ``tipstorch eval``; returns the report that is written to ``--out``."""
-    from tipstorch.cli import model_from_args
-    from tipstorch.eval.standard import EvalSettings, FrozenModel, TaskContext
-    from tipstorch.weights.state_io import atomic_write
-
     _check_args(args)
     data = parse_data(args.data)
     runs = plan_runs(args.tasks, data)
