@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from tipstorch.eval.quick import QuickEvalConfig, quick_evaluation
+from tipstorch.eval.quick import QUICK_TASKS, check_scene_tasks, quick_evaluation
 from tipstorch.eval.report import format_comparison
 from tipstorch.train.config import TrainCfg, config_from_dict, load_config, resolve_config, shipped_configs
 from tipstorch.train.loop import Evaluate, NonFiniteLossError, Trainer, TrainResult
@@ -52,8 +52,12 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
 
 
 def _quick_evaluation(tasks: list[str]) -> Evaluate:
-    config = QuickEvalConfig(tasks=tuple(tasks)) if tasks else QuickEvalConfig()
-    return lambda model, tokenizer: quick_evaluation(model, tokenizer, config, progress=True)
+    """The quick evaluation of ``eval.tasks`` (empty: its default tasks), as the trainer calls it."""
+    try:
+        chosen = check_scene_tasks(tasks) if tasks else QUICK_TASKS
+    except ValueError as error:
+        raise SystemExit(f"error: eval.tasks: {error}") from None
+    return lambda model, tokenizer: quick_evaluation(model, tokenizer, tasks=chosen, progress=True)
 
 
 def _configure(args: argparse.Namespace) -> tuple[TrainCfg, Path, dict | None]:
