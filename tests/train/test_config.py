@@ -158,3 +158,18 @@ def test_model_names_and_fields_exist_in_the_registry():
         assert set(cfg.model.vision) <= vision_fields and set(cfg.model.text) <= text_fields, path.name
         if cfg.teacher.frozen_model is not None:
             assert cfg.teacher.frozen_model in registry.list_models(pretrained=True), path.name
+
+
+def test_crop_fields_are_checked_at_load_and_the_error_names_them():
+    with pytest.raises(ConfigError, match=r"tiny_cpu.*DataCfg\.local_size must be a positive multiple of 14, got 50"):
+        load_config(CONFIGS / "tiny_cpu.yaml", ["data.local_size=50"])
+
+
+def test_the_data_section_and_the_collate_share_one_definition_of_the_crops():
+    from tipstorch.data.collate import MultiCropConfig
+    from tipstorch.train.config import DataCfg
+
+    crop_fields = {field.name: field for field in dataclasses.fields(MultiCropConfig)}
+    data_fields = {field.name: field for field in dataclasses.fields(DataCfg)}
+    assert all(data_fields[name] is field for name, field in crop_fields.items())
+    assert DataCfg().caption_weights == MultiCropConfig().caption_weights == {"spatial": 1.0}

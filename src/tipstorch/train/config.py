@@ -23,6 +23,8 @@ from typing import Any, Literal
 
 import yaml
 
+from tipstorch.data.collate import MultiCropConfig
+
 BASE_KEY = "base"
 
 
@@ -63,9 +65,10 @@ class HeadCfg:
 
 
 @dataclass
-class DataCfg:
-    """Training data and the multi-crop batch; crop / mask / caption fields carry the names of
-    ``tipstorch.data.collate.MultiCropConfig``."""
+class DataCfg(MultiCropConfig):
+    """Training data and the multi-crop batch. The crop, flip, mask and caption fields and their defaults
+    (the paper's: 1 global crop at 224, M = 6 local crops at 98, 75% masking, DINOv2's crop scales,
+    TIPS's captions) are those of ``tipstorch.data.collate.MultiCropConfig``, documented there."""
 
     source: str = "scenes"  # "scenes" (built-in procedural set) or a WebDataset shard pattern
     num_samples: int = 100_000  # images per epoch (scenes: how many are generated)
@@ -73,14 +76,6 @@ class DataCfg:
     scenes_size: int = 224  # scenes: side of the generated images the crops are cut from
     scenes_seed: int = 0  # scenes: which procedural scenes (the eval uses other seeds / indices)
     shuffle_buffer: int = 5000  # shards: sample shuffle buffer (not in the paper: open_clip's 5000)
-    global_size: int = 224  # 4.1: 1 global crop at 224
-    local_size: int = 98  # 4.1: local crops at 98
-    num_local_crops: int = 6  # 4.1: M = 6
-    global_scale: tuple[float, float] = (0.32, 1.0)  # not in the paper: DINOv2 default
-    local_scale: tuple[float, float] = (0.05, 0.32)  # not in the paper: DINOv2 default
-    mask_ratio: float = 0.75  # 3.2 / Table 11: random masking, 75%
-    alt_source: str = "alt"  # caption of the global CLS: noisy web alt-text (3.1)
-    caption_weights: dict[str, float] = field(default_factory=lambda: {"spatial": 1.0})  # CLS2 caption draw
 
 
 @dataclass
@@ -324,7 +319,7 @@ def _build(cls: Any, raw: Any, where: str, prefix: str = "") -> Any:
         values[key] = _convert(hints[key], value, where, f"{prefix}{key}")
     try:
         return cls(**values)
-    except ConfigError as error:
+    except ValueError as error:  # ConfigError, or the checks of a section such as DataCfg's crop sizes
         raise ConfigError(f"{where}: {error}") from None
 
 

@@ -29,19 +29,18 @@ from torch import nn
 
 from tipstorch.checkpoints import CheckpointError, load_checked
 from tipstorch.factory import load_model
-from tipstorch.models.heads import ProjectionHead
 from tipstorch.models.registry import get_model_spec
 from tipstorch.models.text import TextConfig
 from tipstorch.models.tips import TIPSConfig, TIPSModel
 from tipstorch.models.vit import VisionConfig, resample_pos_embed
 from tipstorch.train.checkpoint import LAST, load_checkpoint
 from tipstorch.train.config import ConfigError, ModelCfg, TrainCfg
-from tipstorch.train.student import TIPSStudent
-from tipstorch.train.teacher import BACKBONE, EMATeacher, FrozenTeacher
+from tipstorch.train.student import TIPSStudent, projection_head
+from tipstorch.train.teacher import BACKBONE, DINO_HEAD, IBOT_HEAD, EMATeacher, FrozenTeacher, Teacher
 
 logger = logging.getLogger("tipstorch.train")
 
-HEAD_NAMES = ("dino_head", "ibot_head")
+HEAD_NAMES = (DINO_HEAD, IBOT_HEAD)
 
 
 @dataclass
@@ -163,7 +162,7 @@ def load_heads(student: TIPSStudent, start: StartingPoint | None) -> list[str]:
     return loaded
 
 
-def build_teacher(cfg: TrainCfg, student: TIPSStudent) -> EMATeacher | FrozenTeacher | None:
+def build_teacher(cfg: TrainCfg, student: TIPSStudent) -> Teacher | None:
     """The teacher of the self-distillation terms (None when DINO and iBOT are off): an EMA of the
     student (``full`` / ``heads``), or a frozen pretrained image encoder (``frozen``, appendix A.1)
     with fixed, freshly initialised heads (released models ship no DINO / iBOT heads)."""
@@ -172,11 +171,5 @@ def build_teacher(cfg: TrainCfg, student: TIPSStudent) -> EMATeacher | FrozenTea
     if cfg.teacher.mode != "frozen":
         return EMATeacher(student.parts(), mode=cfg.teacher.mode)
     visual = load_starting_point(cfg.teacher.frozen_model).model.visual
-    heads = cfg.heads
-    parts = {BACKBONE: visual} | {
-        name: ProjectionHead(visual.embed_dim, heads.num_prototypes, heads.hidden_dim, heads.bottleneck_dim,
-                             heads.mlp_layers)
-        for name in student.parts()
-        if name != BACKBONE
-    }
-    return FrozenTeacher(parts)
+    heads = {name: projection_head(visual.embed_dim, cfg.heads) for name in student.parts() if name != BACKBONE}
+    return FrozenTeacher({BACKBONE: visual} | heads)
