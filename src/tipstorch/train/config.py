@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -146,7 +147,7 @@ class LoopCfg:
     accumulation_steps: int = 1
     bf16: bool = True
     checkpoint_every: int = 1000  # steps between writes of last.pt (also written at the end and on SIGTERM/SIGINT)
-    keep_every: int = 0  # steps between permanent step-<N>.pt copies; 0 = none
+    keep_every: int = 0  # permanent step-<N>.pt at every multiple of it (also writes last.pt then); 0 = none
     log_every: int = 10
     out_dir: str = "runs/tips"
     seed: int = 0
@@ -219,13 +220,59 @@ def resolve_config(name_or_path: str | Path) -> Path:
     raise ConfigError(f"config {name_or_path}: no such file, nor a shipped recipe (shipped: {', '.join(shipped_configs())})")
 
 
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainCfg:
-    """Read a YAML recipe (following ``base:`` files), apply ``a.b=c`` overrides, return a checked TrainCfg."""
+def load_config(
+    path: str | Path, overrides: list[str] | tuple[str, ...] = (), check_starting_steps: bool = True
+) -> TrainCfg:
+    """Read a YAML recipe (following ``base:`` files), apply ``a.b=c`` overrides, return a checked TrainCfg
+    (see ``check_starting_steps`` for the check of a starting ``step-<N>.pt`` that does not exist yet)."""
     path = Path(path)
     raw = _read_with_bases(path, seen=())
     for override in overrides:
         _apply_override(raw, override)
-    return _build(TrainCfg, raw, where=f"config {path} (with its bases and --set overrides)")
+    where = f"config {path} (with its bases and --set overrides)"
+    cfg = _build(TrainCfg, raw, where=where)
+    if check_starting_steps:
+        _check_starting_steps(cfg, where)
+    return cfg
+
+
+def _producing_run(run_dir: Path) -> tuple[TrainCfg, str] | None:
+    """The config of the run writing to ``run_dir``: its ``config.yaml`` when it has started, else the
+    shipped recipe whose ``loop.out_dir`` it is (None when neither is known)."""
+    written = run_dir / "config.yaml"
+    if written.is_file():
+        return load_config(written, check_starting_steps=False), str(written)
+    for name in shipped_configs():
+        shipped = shipped_configs_dir() / f"{name}.yaml"
+        candidate = load_config(shipped, check_starting_steps=False)
+        if Path(candidate.loop.out_dir) == run_dir:
+            return candidate, f"shipped recipe {name}"
+    return None
+
+
+def _check_starting_steps(cfg: TrainCfg, where: str) -> None:
+    """A ``model.init`` / ``teacher.frozen_model`` naming ``<run>/step-<N>.pt`` that does not exist yet
+    (a later stage planned before its first stage has run, like tips_hr_finetune.yaml) must name a step
+    that run keeps: a multiple of its ``loop.keep_every``, at most its ``loop.steps``."""
+    for key, source in (("model.init", cfg.model.init), ("teacher.frozen_model", cfg.teacher.frozen_model)):
+        match = re.fullmatch(r"step-(\d+)\.pt", Path(source).name) if source else None
+        if match is None or Path(source).exists():
+            continue
+        run = _producing_run(Path(source).parent)
+        if run is None:
+            continue
+        (producer, described), step = run, int(match[1])
+        keep, steps = producer.loop.keep_every, producer.loop.steps
+        if not keep or step % keep or step > steps:
+            kept = (
+                f"keeps step-<N>.pt at multiples of loop.keep_every = {keep} up to step {steps}"
+                if keep
+                else "keeps none (loop.keep_every = 0)"
+            )
+            raise ConfigError(
+                f"{where}: {key} {source} can never exist: the run writing to {Path(source).parent} "
+                f"({described}) {kept}"
+            )
 
 
 def config_from_dict(

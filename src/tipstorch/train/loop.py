@@ -301,8 +301,8 @@ class Trainer:
                         result.status, result.signal_name = "interrupted", stop.requested or "signal on another rank"
                         result.signal_number, result.step = stop.signal_number, self.step
                         return result
-                    if self.step % loop.checkpoint_every == 0 or self.step == loop.steps:
-                        keep = bool(loop.keep_every) and self.step % loop.keep_every == 0
+                    keep = bool(loop.keep_every) and self.step % loop.keep_every == 0  # any checkpoint_every
+                    if keep or self.step % loop.checkpoint_every == 0 or self.step == loop.steps:
                         result.checkpoint, saved_step = self.save(keep=keep), self.step
             result.step = self.step
             progress.close()
