@@ -7,9 +7,10 @@ import tipstorch
 from tests.helpers import randomize
 from tests.train.loop_helpers import parameters, tiny_cfg, tiny_trainer
 from tipstorch.checkpoints import CheckpointError
+from tipstorch.models.registry import get_model_spec
 from tipstorch.models.tips import TIPSModel
 from tipstorch.models.vit import resample_pos_embed
-from tipstorch.train.config import ConfigError
+from tipstorch.train.config import ConfigError, load_config, resolve_config
 from tipstorch.train.init import build_model, fold_pixel_normalization, model_config
 from tipstorch.train.teacher import FrozenTeacher
 
@@ -104,3 +105,21 @@ def test_frozen_teacher_is_the_given_model_with_fixed_heads(tmp_path, exported):
     assert all(torch.equal(value, after[name]) for name, value in before.items())
     teacher_backbone = trainer.teacher["backbone"].state_dict()
     assert all(torch.equal(value, teacher_backbone[name]) for name, value in source.visual.state_dict().items())
+
+
+@pytest.mark.parametrize("config", ["tips_g14_paper", "tips_b14", "tips_s14", "distill_l14_from_g14"])
+def test_paper_recipes_from_scratch_start_layer_scale_at_the_small_dinov2_value(config):
+    cfg = load_config(resolve_config(config))
+    assert cfg.model.init is None
+    assert get_model_spec(cfg.model.name).config.vision.layer_scale_init == 1.0  # released weights: unchanged
+    assert model_config(cfg.model).vision.layer_scale_init == 1e-5
+
+
+def test_a_model_built_from_scratch_has_small_gammas_and_a_configured_value_wins():
+    small = ["model.vision={depth: 1, pos_grid: 2}", "model.text={depth: 1}"]
+    model, _ = build_model(load_config(resolve_config("tips_s14"), small).model)
+    assert all(torch.all(gamma == 1e-5) for name, gamma in model.visual.named_parameters() if name.endswith("gamma"))
+    configured = load_config(resolve_config("tips_s14"), [*small, "model.vision.layer_scale_init=0.1"])
+    model, _ = build_model(configured.model)
+    gammas = [gamma for name, gamma in model.visual.named_parameters() if name.endswith("gamma")]
+    assert gammas and all(torch.allclose(gamma, torch.full_like(gamma, 0.1)) for gamma in gammas)

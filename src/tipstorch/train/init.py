@@ -62,9 +62,16 @@ def _override(base: Any, fields: dict[str, Any], section: str) -> Any:
 
 def model_config(cfg: ModelCfg, base: TIPSConfig | None = None) -> TIPSConfig:
     """The TIPSConfig to train: ``base`` (the starting model's), else ``model.name``'s, else built from
-    ``model.vision`` / ``model.text`` alone; with the overrides of ``cfg`` applied."""
+    ``model.vision`` / ``model.text`` alone; with the overrides of ``cfg`` applied.
+
+    Without ``base`` the model trains from scratch: its LayerScale gammas start at DINOv2's small value
+    (``VisionConfig.layer_scale_init``, 1e-5) unless ``model.vision.layer_scale_init`` says otherwise. The
+    registry's 1.0 of the released models only describes weights that are loaded over it."""
     if base is None and cfg.name is not None:
-        base = get_model_spec(cfg.name).config
+        released = get_model_spec(cfg.name).config
+        base = dataclasses.replace(
+            released, vision=dataclasses.replace(released.vision, layer_scale_init=VisionConfig.layer_scale_init)
+        )
     if base is None:
         vision, text = VisionConfig(**cfg.vision), TextConfig(**cfg.text)
         return TIPSConfig(vision=vision, text=text, image_size=vision.pos_grid * vision.patch_size,
