@@ -38,7 +38,8 @@ class ModelCfg:
     """The architecture and the starting weights. ``name`` is a registry name (``tipstorch.list_models()``)
     giving the architecture only; ``vision`` / ``text`` override fields of its VisionConfig / TextConfig
     (or give them all when ``name`` is None). ``init`` gives the weights to start from: None trains from
-    scratch, a registered name or checkpoint loads the backbone and text tower (heads start new)."""
+    scratch, a registered name or export loads the backbone and text tower (heads start new), a training
+    checkpoint ``.pt`` also its heads, EMA teacher and centres (see ``train/init.py``)."""
 
     name: str | None = "tips-tiny"
     vision: dict[str, Any] = field(default_factory=dict)

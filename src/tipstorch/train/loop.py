@@ -43,7 +43,13 @@ from tipstorch.train.checkpoint import FINAL, LAST, StopOnSignal, rng_state, sav
 from tipstorch.train.config import ConfigError, TrainCfg, dump_config
 from tipstorch.train.data import SCENES, training_batches
 from tipstorch.train.distributed import DistributedContext, any_rank, gather_rows, setup_distributed
-from tipstorch.train.init import build_model, build_teacher, load_heads, trainable
+from tipstorch.train.init import (
+    build_model,
+    build_teacher,
+    continue_teacher_and_centres,
+    load_heads,
+    trainable,
+)
 from tipstorch.train.losses import TIPSLoss
 from tipstorch.train.optim import build_optimizer, clip_gradients, set_hyperparams
 from tipstorch.train.schedules import TrainingSchedules
@@ -156,6 +162,7 @@ class Trainer:
         if self.teacher is not None:
             self.teacher.to(self.context.device)
         self.loss = TIPSLoss(cfg.loss, cfg.heads.num_prototypes).to(self.context.device)
+        self.continued = continue_teacher_and_centres(start, self.teacher, self.loss)
         self.optimizer = build_optimizer(self.student.named_parameters(), cfg.optim)
         self.schedules = TrainingSchedules(cfg.schedule, cfg.optim, loop.steps)
         self.ddp = (
