@@ -233,3 +233,15 @@ def test_step_centers_updates_both_centres_once():
     loss.step_centers()
     assert loss.dino.centering.center.tolist() == pytest.approx([0.1, 0.0])
     assert loss.ibot.centering.center.tolist() == pytest.approx([0.0, 0.2])
+
+
+def test_contrastive_logits_are_float32_under_bf16_autocast():
+    # A sharp temperature makes logits of ~100: in bf16 (8 bits of mantissa) they are off by ~0.5
+    generator = torch.Generator().manual_seed(0)
+    image, text = torch.randn(16, 32, generator=generator), torch.randn(16, 32, generator=generator)
+    temperature = torch.tensor(0.01)
+    exact = ContrastiveLoss()(image, text, temperature)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = ContrastiveLoss()(image, text, temperature)
+    assert autocast.dtype == torch.float32
+    torch.testing.assert_close(autocast, exact, rtol=1e-6, atol=0)

@@ -80,14 +80,15 @@ class ContrastiveLoss(nn.Module):
                 f"ContrastiveLoss expects image and text embeddings of the same shape [b, D], "
                 f"got {tuple(image_emb.shape)} and {tuple(text_emb.shape)}"
             )
-        image = F.normalize(image_emb.float(), dim=-1)
-        text = F.normalize(text_emb.float(), dim=-1)
-        rank, _ = _rank_and_world()
-        all_image, all_text = gather_with_grad(image), gather_with_grad(text)
-        targets = torch.arange(image.shape[0], device=image.device) + rank * image.shape[0]
-        image_to_text = image @ all_text.T / temperature
-        text_to_image = text @ all_image.T / temperature
-        return 0.5 * (F.cross_entropy(image_to_text, targets) + F.cross_entropy(text_to_image, targets))
+        with torch.autocast(image_emb.device.type, enabled=False):  # float32 logits whatever the autocast
+            image = F.normalize(image_emb.float(), dim=-1)
+            text = F.normalize(text_emb.float(), dim=-1)
+            rank, _ = _rank_and_world()
+            all_image, all_text = gather_with_grad(image), gather_with_grad(text)
+            targets = torch.arange(image.shape[0], device=image.device) + rank * image.shape[0]
+            image_to_text = image @ all_text.T / temperature.float()
+            text_to_image = text @ all_image.T / temperature.float()
+            return 0.5 * (F.cross_entropy(image_to_text, targets) + F.cross_entropy(text_to_image, targets))
 
 
 class ScoreCentering(nn.Module):
