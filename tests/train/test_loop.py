@@ -173,7 +173,8 @@ def test_head_only_teacher_adds_no_backbone_copy(tmp_path):
 def test_temperature_is_clamped_after_each_step(tmp_path):
     # With a 100x temperature lr one step moves the temperature from 0.0691 to ~0.17: a floor of 0.2 is
     # then reached only through the clamp after the step.
-    step = ["loop.steps=1", "model.temperature=0.0691", "optim.temperature_lr_scale=100", "schedule.warmup_steps=0"]
+    step = ["loop.steps=1", "model.temperature=0.0691", "optim.temperature_lr_scale=100",
+            "schedule.warmup_steps=0"]
     free = tiny_trainer(tmp_path / "free", *step, "loss.min_temperature=1e-6")
     free.fit()
     assert free.model.temperature.item() < 0.2  # where the step alone lands

@@ -1,4 +1,4 @@
-"""The real TIPSStudent and one real training step (step.py) on a 2-block model: passes, gradients, accumulation."""
+"""The real TIPSStudent and one real step (step.py) on a 2-block model: passes, gradients, accumulation."""
 
 import pytest
 import torch
@@ -13,7 +13,9 @@ from tipstorch.train.student import TIPSStudent
 from tipstorch.train.teacher import EMATeacher
 
 HEADS = HeadCfg(num_prototypes=32, hidden_dim=32, bottleneck_dim=16, mlp_layers=3)
-VALUES = ScheduleValues(lr=1e-3, weight_decay=0.0, teacher_momentum=0.99, dino_teacher_temp=0.07, ibot_teacher_temp=0.05)
+VALUES = ScheduleValues(
+    lr=1e-3, weight_decay=0.0, teacher_momentum=0.99, dino_teacher_temp=0.07, ibot_teacher_temp=0.05
+)
 
 
 def real_student(seed: int = 0, **loss: object) -> tuple[TIPSStudent, LossCfg]:
@@ -42,11 +44,20 @@ def test_forward_gives_every_enabled_term_its_values_with_their_shapes():
     student, _ = real_student(weights=LossWeights(koleo=0.1))
     outputs = student(real_batch())
     embeddings = outputs.embeddings
-    assert all(value.shape == (4, 48) for value in (embeddings.global_cls, embeddings.alt_text,
-                                                    embeddings.spatial_cls, embeddings.synthetic_text))
+    assert all(
+        value.shape == (4, 48)
+        for value in (
+            embeddings.global_cls,
+            embeddings.alt_text,
+            embeddings.spatial_cls,
+            embeddings.synthetic_text,
+        )
+    )
     assert outputs.local_scores.shape == (4 * 2, 32) and outputs.patch_scores.shape == (4, 16, 32)
     assert outputs.koleo_cls.shape == (4, 48) and outputs.koleo_cls.requires_grad
-    assert outputs.unmasked.patch_tokens.shape == (4, 4, 4, 48) and not outputs.unmasked.global_cls.requires_grad
+    assert (
+        outputs.unmasked.patch_tokens.shape == (4, 4, 4, 48) and not outputs.unmasked.global_cls.requires_grad
+    )
 
 
 def test_a_disabled_term_gets_no_values_and_no_pass():
@@ -79,8 +90,11 @@ def test_a_real_step_gives_every_trainable_parameter_a_gradient_and_the_teacher_
     parts = forward_backward(student, teacher, TIPSLoss(cfg, HEADS.num_prototypes), real_batch(), VALUES)
     assert set(parts) == {"clip_global", "clip_spatial", "dino", "ibot", "total"}
     assert all(torch.isfinite(value) for value in parts.values())
-    missing = [name for name, p in student.named_parameters()
-               if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    missing = [
+        name
+        for name, p in student.named_parameters()
+        if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)
+    ]
     assert missing == []
     assert all(not p.requires_grad and p.grad is None for p in teacher.parameters())
 
@@ -134,6 +148,12 @@ def test_under_bf16_autocast_the_scores_and_loss_parts_are_float32():
         outputs = student(real_batch())
     assert outputs.local_scores.dtype == outputs.patch_scores.dtype == torch.float32
     teacher = EMATeacher(student.parts(), mode="heads")
-    parts = forward_backward(student, teacher, TIPSLoss(cfg, HEADS.num_prototypes), real_batch(), VALUES,
-                             autocast_dtype=torch.bfloat16)
+    parts = forward_backward(
+        student,
+        teacher,
+        TIPSLoss(cfg, HEADS.num_prototypes),
+        real_batch(),
+        VALUES,
+        autocast_dtype=torch.bfloat16,
+    )
     assert all(value.dtype == torch.float32 and torch.isfinite(value) for value in parts.values())
