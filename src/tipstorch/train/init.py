@@ -34,7 +34,7 @@ from tipstorch.factory import load_model
 from tipstorch.models.registry import get_model_spec
 from tipstorch.models.text import TextConfig
 from tipstorch.models.tips import TIPSConfig, TIPSModel
-from tipstorch.models.vit import VisionConfig, resample_pos_embed
+from tipstorch.models.vit import VisionConfig, VisionTransformer, resample_pos_embed
 from tipstorch.train.checkpoint import LAST, load_checkpoint
 from tipstorch.train.config import ConfigError, ModelCfg, TrainCfg
 from tipstorch.train.losses import TIPSLoss
@@ -122,7 +122,7 @@ def load_starting_point(source: str) -> StartingPoint:
     return StartingPoint(load_model(source), {}, source)
 
 
-def _vision_state(state: Mapping[str, torch.Tensor], target: nn.Module) -> dict[str, torch.Tensor]:
+def _vision_state(state: Mapping[str, torch.Tensor], target: VisionTransformer) -> dict[str, torch.Tensor]:
     """A vision tower's weights for the ``target`` tower, position embeddings resampled to its grid."""
     state = dict(state)
     pos_embed, grid = state["pos_embed"], target.config.pos_grid
