@@ -129,3 +129,21 @@ def test_frozen_teacher_is_fixed_and_ignores_updates():
     assert not any(p.requires_grad for p in teacher.parameters())
     for key, value in params(teacher["backbone"]).items():
         torch.testing.assert_close(value, before[key])
+
+
+def test_a_frozen_teacher_keeps_only_its_heads_in_a_checkpoint_and_loads_them_back():
+    teacher = FrozenTeacher(make_student(seed=1).parts())
+    state = teacher.training_state()
+    assert state and not any(key.startswith("parts.backbone.") for key in state)
+    other = FrozenTeacher(make_student(seed=2).parts())
+    other.load_training_state(state)
+    assert all(torch.equal(value, other.state_dict()[key]) for key, value in state.items())
+
+
+@pytest.mark.parametrize("mode", ["full", "heads"])
+def test_a_teacher_state_that_does_not_fit_is_an_error_naming_its_keys(mode):
+    teacher = EMATeacher(make_student().parts(), mode=mode)
+    state = teacher.training_state()
+    state.pop("ema_parts.dino_head.prototypes.weight")
+    with pytest.raises(ValueError, match=r"missing \['ema_parts\.dino_head\.prototypes\.weight'\]"):
+        teacher.load_training_state(state)
