@@ -33,6 +33,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 CLI = [sys.executable, "-m", "tipstorch.cli"]
 
 
@@ -79,6 +81,16 @@ def run_measured(command: list[str], log: Path) -> tuple[float, float]:
     return seconds, usage.ru_maxrss / 2**20
 
 
+def seconds_per_step(run_dir: Path) -> float:
+    """Median over the logged windows of seconds per optimiser step (log.jsonl's images_per_s is the
+    rate of the last step of each window; the first window, which holds start-up, is left out)."""
+    lines = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    batch = yaml.safe_load((run_dir / "config.yaml").read_text())["loop"]["batch_size"]
+    rates = [line["train"]["images_per_s"] for line in lines if "train" in line]
+    rates = rates[1:] or rates
+    return statistics.median(batch / rate for rate in rates) if rates else math.nan
+
+
 def run_one(variant: Variant, seed: int, args: argparse.Namespace) -> dict:
     run_dir = args.out / f"{variant.config}-seed{seed}"
     result_file = run_dir / "result.json"
@@ -92,11 +104,11 @@ def run_one(variant: Variant, seed: int, args: argparse.Namespace) -> dict:
     evaluate = [*CLI, "eval", "--model", str(run_dir / "final.safetensors"), "--tasks", "quick",
                 "--out", str(run_dir / "eval.json"), "--seed", str(seed), *args.eval_args]
     run_measured(evaluate, run_dir / "eval.log")
-    metrics = json.loads((run_dir / "eval.json").read_text())["results"]
-    rates = [json.loads(line)["train"]["images_per_s"] for line in (run_dir / "log.jsonl").read_text().splitlines()
-             if '"train"' in line]
+    metrics = {key.removeprefix("scenes/"): value
+               for key, value in json.loads((run_dir / "eval.json").read_text())["metrics"].items()}
     result = {"variant": variant.key, "config": variant.config, "seed": seed, "steps": args.steps,
-              "metrics": metrics, "train_seconds": train_seconds, "peak_rss_gb": peak_gb, "images_per_s": rates}
+              "metrics": metrics, "train_seconds": train_seconds, "peak_rss_gb": peak_gb,
+              "seconds_per_step": seconds_per_step(run_dir)}
     result_file.write_text(json.dumps(result, indent=1))
     print(f"{variant.key:>3} seed {seed}: " + ", ".join(f"{title} {metrics.get(key, math.nan):.3f}"
                                                        for key, title, _ in METRICS[:7]), flush=True)
@@ -113,7 +125,7 @@ def summarise(results: list[dict]) -> dict[str, dict[str, tuple[float, float, in
         values: dict[str, list[float]] = {}
         for run in runs:
             row = dict(run["metrics"])
-            row["train/seconds_per_step"] = statistics.median(32 / rate for rate in run["images_per_s"][1:] or run["images_per_s"])
+            row["train/seconds_per_step"] = run["seconds_per_step"]
             row["train/peak_rss_gb"] = run["peak_rss_gb"]
             for key, _, _ in METRICS:
                 if key in row:
@@ -147,13 +159,13 @@ def plot(table: dict[str, dict[str, tuple[float, float, int]]], path: Path) -> N
 
     keys = [v.key for v in VARIANTS if v.key in table]
     figure, axes = plt.subplots(3, 3, figsize=(13, 10))
-    for axis, (metric, title, up) in zip(axes.flat, METRICS):
+    for axis, (metric, title, up) in zip(axes.flat, METRICS, strict=True):
         means = [table[k].get(metric, (math.nan, 0.0, 0))[0] for k in keys]
         spreads = [table[k].get(metric, (math.nan, 0.0, 0))[1] for k in keys]
         axis.bar(keys, means, yerr=spreads, capsize=3, color=["#9aa" if k in ("d+", "e-") else "#4a7" for k in keys])
         axis.set_title(f"{title} ({'higher' if up else 'lower'} is better)", fontsize=10)
-        low = min(m - s for m, s in zip(means, spreads))
-        high = max(m + s for m, s in zip(means, spreads))
+        low = min(m - s for m, s in zip(means, spreads, strict=True))
+        high = max(m + s for m, s in zip(means, spreads, strict=True))
         margin = 0.15 * (high - low) if high > low else 0.1 * abs(high) + 1e-3
         axis.set_ylim(low - margin, high + margin)
     figure.suptitle("TIPS ablation ladder on scenes (mean ± std over seeds)")
@@ -162,7 +174,7 @@ def plot(table: dict[str, dict[str, tuple[float, float, int]]], path: Path) -> N
     plt.close(figure)
 
 
-QUICK_EVAL_ARGS = ["--quick-num-train", "64", "--quick-num-test", "32", "--probe-iterations", "10"]
+QUICK_EVAL_ARGS = ["--max-samples", "32", "--probe-iterations", "5"]
 
 
 def main() -> None:

@@ -28,10 +28,10 @@ import torch.nn.functional as F
 
 from tipstorch.data.scenes import ScenesConfig, ScenesDataset
 from tipstorch.data.transforms import pil_to_tensor
-from tipstorch.checkpoints import save_model
 from tipstorch.train.config import load_config, resolve_config
 from tipstorch.train.loop import Trainer
-from tipstorch.train.student import teacher_scores
+from tipstorch.weights.factory import get_tokenizer
+from tipstorch.weights.tipstorch_file import save_model
 
 
 def held_out_images(count: int, size: int, seed: int = 4321) -> torch.Tensor:
@@ -83,20 +83,19 @@ def feature_statistics(trainer: Trainer, images: torch.Tensor) -> dict[str, floa
     gammas = [block.ls1.gamma.abs().mean() for block in visual.blocks] + [block.ls2.gamma.abs().mean() for block in visual.blocks]
     stats["layerscale_mean"] = float(torch.stack(gammas).mean())
     if trainer.teacher is not None:
-        batch = {"global_crop": images}
-        scores = teacher_scores(trainer.student, trainer.teacher, {"unmasked": {}}, batch)
+        scores = trainer.teacher.scores(images, None)
         values = trainer.schedules.at(trainer.step)
-        for name, loss, key, temp in (
-            ("dino", trainer.loss.dino, "global", values.dino_teacher_temp),
-            ("ibot", trainer.loss.ibot, "patches", values.ibot_teacher_temp),
+        for name, loss, teacher_scores, temp in (
+            ("dino", trainer.loss.dino, scores.global_scores, values.dino_teacher_temp),
+            ("ibot", trainer.loss.ibot, scores.patch_scores, values.ibot_teacher_temp),
         ):
-            if loss is None or key not in scores:
+            if loss is None or teacher_scores is None:
                 continue
-            probs = loss.centering.probabilities(scores[key], temp)
-            probs = probs.reshape(-1, probs.shape[-1])
+            rows = teacher_scores.float().reshape(-1, teacher_scores.shape[-1])
+            probs = loss.centering.probabilities(rows, temp)
             stats[f"{name}_target_entropy"], stats[f"{name}_mean_target_entropy"] = target_entropies(probs)
             stats[f"{name}_center_norm"] = float(loss.centering.center.norm())
-            stats[f"{name}_score_std_images"] = float(scores[key].float().reshape(-1, probs.shape[-1]).std(0).mean())
+            stats[f"{name}_score_std_images"] = float(rows.std(0).mean())
     visual.train(was_training)
     return stats
 
@@ -108,14 +107,15 @@ def term_gradient_norms(trainer: Trainer, batch: dict[str, torch.Tensor]) -> dic
     backbone = [p for p in student.model.visual.parameters() if p.requires_grad]
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=trainer.cfg.loop.bf16):
         outputs = student(batch)
-        parts = loss.contrastive_parts(outputs["embeddings"], student.model.temperature)
-        targets = teacher_scores(student, trainer.teacher, outputs, batch) if student.self_distillation else {}
-        if loss.dino is not None:
-            probs = loss.dino.centering.probabilities(targets["global"], values.dino_teacher_temp)
-            parts["dino"] = loss.dino(outputs["scores"]["local"], probs)
-        if loss.ibot is not None:
-            probs = loss.ibot.centering.probabilities(targets["patches"], values.ibot_teacher_temp)
-            parts["ibot"] = loss.ibot(outputs["scores"]["patches"], probs, batch["patch_mask"])
+        parts = loss.contrastive_parts(outputs.embeddings, student.model.temperature)
+        if trainer.teacher is not None:  # the targets without recording them for the centres
+            targets = trainer.teacher.scores(batch["global_crop"], outputs.unmasked)
+            if loss.dino is not None:
+                probs = loss.dino.centering.probabilities(targets.global_scores, values.dino_teacher_temp)
+                parts["dino"] = loss.dino(outputs.local_scores, probs)
+            if loss.ibot is not None:
+                probs = loss.ibot.centering.probabilities(targets.patch_scores, values.ibot_teacher_temp)
+                parts["ibot"] = loss.ibot(outputs.patch_scores, probs, batch["patch_mask"])
     norms = {}
     for name, value in parts.items():
         grads = torch.autograd.grad(loss.weights[name] * value, backbone, retain_graph=True, allow_unused=True)
@@ -136,7 +136,7 @@ def main() -> None:
     overrides = [f"loop.steps={args.steps}", "eval.quick=false", f"loop.out_dir={args.out.with_suffix('')}",
                  "loop.checkpoint_every=100000", *args.overrides]
     cfg = load_config(resolve_config(args.config), overrides)
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, get_tokenizer)
     images = held_out_images(args.images, cfg.data.global_size)
     series, losses = [], []
     start = time.perf_counter()
