@@ -7,9 +7,11 @@ Every variant trains the same model for the same steps, batch and image sizes (t
   b  dual_cls         + synthetic spatial captions on the second CLS (Table 1 (B))
   c  self_distill     + self-distillation, DINO on local crops, full EMA teacher (Table 1 (C))
   d  tips             + masked image modelling, iBOT on masked tokens = TIPS (Table 1 (D))
-  e  tipsv2           iBOT++, head-only EMA, multi-granularity captions = TIPSv2 (the main job)
+  e  tipsv2           iBOT++, head-only EMA, multi-granularity captions = TIPSv2 (= tiny_cpu)
   d+ tips_ibotpp      TIPS with iBOT++ only (single change: iBOT vs iBOT++)
   e- tipsv2_full_ema  TIPSv2 with a full EMA teacher (single change: head-only vs full EMA)
+
+The configs are the shipped recipes of those names (``src/tipstorch/configs``).
 
 Each (variant, seed) trains in its own process (``tipstorch train``; peak memory is that process
 tree's maximum resident set), then ``tipstorch eval --tasks quick`` scores the exported model. Results:
@@ -46,13 +48,13 @@ class Variant:
 
 
 VARIANTS: tuple[Variant, ...] = (
-    Variant("a", "ablation_a_clip_only", "CLIP, alt-text, one CLS"),
-    Variant("b", "ablation_b_dual_cls", "+ spatial captions, dual CLS"),
-    Variant("c", "ablation_c_self_distill", "+ self-distillation"),
-    Variant("d", "ablation_d_tips", "+ masked modelling (TIPS)"),
-    Variant("e", "tiny_cpu", "TIPSv2 (main job)"),
-    Variant("d+", "ablation_d_tips_ibotpp", "TIPS + iBOT++"),
-    Variant("e-", "ablation_e_tipsv2_full_ema", "TIPSv2, full EMA"),
+    Variant("a", "clip_only", "CLIP, alt-text, one CLS"),
+    Variant("b", "dual_cls", "+ spatial captions, dual CLS"),
+    Variant("c", "self_distill", "+ self-distillation"),
+    Variant("d", "tips", "+ masked modelling (TIPS)"),
+    Variant("e", "tipsv2", "TIPSv2 (main job)"),
+    Variant("d+", "tips_ibotpp", "TIPS + iBOT++"),
+    Variant("e-", "tipsv2_full_ema", "TIPSv2, full EMA"),
 )
 
 # (metric key in eval.json, column title, higher is better)

@@ -48,6 +48,9 @@ def test_paper_config_carries_the_paper_numbers():
     assert (cfg.heads.num_prototypes, cfg.data.mask_ratio, cfg.loop.batch_size) == (32768, 0.75, 16384)
 
 
+ABLATION_LADDER = ("clip_only", "dual_cls", "self_distill", "tips", "tipsv2", "tips_ibotpp", "tipsv2_full_ema")
+
+
 def test_ablation_variants_differ_only_in_recipe_switches():
     tips, tipsv2 = load_config(CONFIGS / "tips.yaml"), load_config(CONFIGS / "tipsv2.yaml")
     clip = load_config(CONFIGS / "clip_only.yaml")
@@ -57,6 +60,22 @@ def test_ablation_variants_differ_only_in_recipe_switches():
     assert tips.loop.steps == tipsv2.loop.steps == clip.loop.steps and tips.model == tipsv2.model == clip.model
 
 
+def test_every_ablation_rung_spends_the_main_jobs_compute():
+    """Same model, steps, batch, crops, optimiser and schedule for every rung: only terms, captions and
+    teacher mode differ (benchmarks/ablation.py compares them at equal compute)."""
+    main = load_config(CONFIGS / "tiny_cpu.yaml")
+    for name in ABLATION_LADDER:
+        cfg = load_config(CONFIGS / f"{name}.yaml")
+        same = (cfg.model, cfg.heads, cfg.optim, cfg.schedule, cfg.loop.steps, cfg.loop.batch_size, cfg.loop.seed)
+        assert same == (main.model, main.heads, main.optim, main.schedule, main.loop.steps, main.loop.batch_size,
+                        main.loop.seed), name
+        crops = dataclasses.replace(cfg.data, caption_weights=main.data.caption_weights)
+        assert crops == main.data, name
+    single = {name: load_config(CONFIGS / f"{name}.yaml") for name in ("tips_ibotpp", "tipsv2_full_ema")}
+    assert single["tips_ibotpp"].loss.ibot_all_tokens and single["tips_ibotpp"].teacher.mode == "full"
+    assert single["tipsv2_full_ema"].teacher.mode == "full" and single["tipsv2_full_ema"].loss.ibot_all_tokens
+
+
 def test_set_overrides_are_parsed_with_yaml_scalar_types():
     cfg = load_config(
         CONFIGS / "tiny_cpu.yaml",
@@ -64,7 +83,7 @@ def test_set_overrides_are_parsed_with_yaml_scalar_types():
          "model.vision.depth=2"],
     )
     assert (cfg.loop.steps, cfg.optim.lr, cfg.loop.bf16, cfg.model.init) == (7, 3e-4, False, None)
-    assert cfg.data.global_scale == (0.5, 1.0) and cfg.model.vision == {"depth": 2}
+    assert cfg.data.global_scale == (0.5, 1.0) and cfg.model.vision == {"layer_scale_init": 0.1, "depth": 2}
 
 
 def test_unknown_key_names_the_key_and_the_file(tmp_path):
