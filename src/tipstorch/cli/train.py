@@ -44,7 +44,8 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     train.add_argument("--resume", nargs="?", const=RESUME_OUT_DIR, metavar="PATH",
                        help="continue a run from its directory or a .pt checkpoint (default: the out dir)")
     train.add_argument("--init", metavar="NAME_OR_PATH",
-                       help="start from a released model (e.g. tipsv2-b14) or a checkpoint: towers loaded (a .pt training checkpoint also continues its heads, EMA teacher and centres)")
+                       help="start from a released model (e.g. tipsv2-b14) or a checkpoint: towers loaded; a .pt "
+                            "training checkpoint also continues its heads, EMA teacher and centres")
     train.add_argument("--out-dir", help="run directory for logs and checkpoints (default: loop.out_dir)")
     train.add_argument("--steps", type=int, help="total optimiser steps (same as --set loop.steps=N)")
     train.set_defaults(func=run_train)
