@@ -343,3 +343,26 @@ def load_transformers_dpt(path: str | os.PathLike, follow_depth_activation: bool
     if not heads:
         raise CheckpointError(f"{weights}: no <task>_head.* keys for any of {DENSE_TASKS}")
     return TransformersDPT(visual.eval(), heads, tips_config.image_size)
+
+
+def dense_head_from(
+    source: str, task: str, model_name: str | None = None, pretrained: bool = True
+) -> DPTDecoder:
+    """A head for ``task`` named by ``source``: "released" (the released head of ``model_name``), a
+    tipstorch head file, a Scenic zip (path or URL) or a transformers ``tipsv2_dpt`` directory."""
+    if source == "released":
+        if model_name is None:
+            raise ValueError(f"a released {task} head needs a registered model name")
+        return create_dense_head(model_name, task, pretrained=pretrained)
+    path = Path(source)
+    if path.is_dir():
+        heads = load_transformers_dpt(path).heads
+        if task not in heads:
+            raise CheckpointError(
+                f"{path}: a transformers tipsv2_dpt checkpoint without a {task} head ({list(heads)})"
+            )
+        return heads[task]
+    decoder = load_dense_head(source)
+    if dense_task_of(decoder) != task:
+        raise CheckpointError(f"{source}: a {dense_task_of(decoder)} head, not a {task} head")
+    return decoder

@@ -120,12 +120,16 @@ def legend(
 
 
 def segmentation_figure(
-    image: Image.Image, label_map: np.ndarray, labels: Sequence[str], notes: Sequence[str] | None = None
+    image: Image.Image,
+    label_map: np.ndarray,
+    labels: Sequence[str],
+    notes: Sequence[str] | None = None,
+    height: int = 448,
 ) -> Image.Image:
-    """Image | overlay of the label map [H, W] (indices into ``labels``) | legend, in one picture."""
+    """Image | overlay of the label map [H, W] (indices into ``labels``) | legend, ``height`` pixels high."""
     colours = palette(len(labels))
     overlay = Image.blend(image.convert("RGB"), Image.fromarray(colours[label_map]), 0.55)
-    joined = side_by_side([image, overlay], height=min(448, max(image.height, 224)))
+    joined = side_by_side([image, overlay], height=height)
     key = legend(labels, colours, notes)
     canvas = Image.new("RGB", (joined.width + key.width, max(joined.height, key.height)), "white")
     canvas.paste(joined, (0, 0))

@@ -221,6 +221,6 @@ def test_segmentation_figure_has_a_legend_row_per_label():
     label_map = np.zeros((40, 60), dtype=np.int64)
     label_map[20:, :] = 2
     figure = segmentation_figure(Image.new("RGB", (60, 40), "white"), label_map, labels)
-    assert figure.width == 2 * round(60 * 224 / 40) + key.width
+    assert figure.size == (2 * round(60 * 448 / 40) + key.width, 448)
     swatch = np.asarray(key)[4 + 2 * 22 + 10, 15]
     np.testing.assert_array_equal(swatch, palette(3)[2])

@@ -1,0 +1,165 @@
+"""``tipstorch depth | normals | segment | pca`` as a user runs them (random tiny model, head files, no download)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tipstorch.cli import main
+from tipstorch.dense_heads import save_dense_head
+from tipstorch.factory import scenes_tokenizer_path
+from tipstorch.models.dense import DPTConfig, create_dpt_decoder
+
+EXAMPLE = scenes_tokenizer_path().with_name("example_scene.png")
+TINY_WIDTH = 192  # tips-tiny
+
+
+@pytest.fixture
+def scene(tmp_path):
+    target = tmp_path / "photos" / "scene.png"
+    target.parent.mkdir()
+    shutil.copy(EXAMPLE, target)
+    return target
+
+
+def _head_file(tmp_path, task, width=TINY_WIDTH):
+    torch.manual_seed(0)
+    return save_dense_head(
+        create_dpt_decoder(task, DPTConfig(width, channels=16)), tmp_path / f"{task}.safetensors"
+    )
+
+
+@pytest.mark.parametrize("task", ["depth", "normals"])
+def test_dense_map_writes_a_picture_and_an_array_beside_the_image(tmp_path, scene, capsys, task):
+    main(
+        [
+            task,
+            str(scene),
+            "--model",
+            "tips-tiny",
+            "--random",
+            "--head",
+            str(_head_file(tmp_path, task)),
+            "--image-size",
+            "112",
+        ]
+    )
+    size = Image.open(scene).size
+    picture = Image.open(scene.with_name(f"scene_{task}.png"))
+    array = np.load(scene.with_name(f"scene_{task}.npy"), allow_pickle=False)
+    assert picture.size == size and picture.mode == "RGB"
+    if task == "depth":
+        assert array.shape == (size[1], size[0]) and 1e-3 <= array.min() <= array.max() <= 10.0
+    else:
+        assert array.shape == (size[1], size[0], 3)
+        np.testing.assert_allclose(np.linalg.norm(array, axis=-1), 1.0, atol=1e-4)
+    assert f"scene_{task}.png" in capsys.readouterr().out
+
+
+def test_dense_map_out_dir_and_head_of_the_wrong_task(tmp_path, scene):
+    main(
+        [
+            "depth",
+            str(scene),
+            "--model",
+            "tips-tiny",
+            "--random",
+            "--head",
+            str(_head_file(tmp_path, "depth")),
+            "--image-size",
+            "56",
+            "--out-dir",
+            str(tmp_path / "out"),
+        ]
+    )
+    assert (tmp_path / "out" / "scene_depth.npy").exists()
+    with pytest.raises(SystemExit, match="a normals head, not a depth head"):
+        main(
+            [
+                "depth",
+                str(scene),
+                "--model",
+                "tips-tiny",
+                "--random",
+                "--head",
+                str(_head_file(tmp_path, "normals")),
+            ]
+        )
+
+
+def test_a_model_without_released_heads_needs_a_head_file(scene):
+    with pytest.raises(SystemExit, match="(?s)no released DPT heads for model 'tips-tiny'.*--head FILE"):
+        main(["depth", str(scene), "--model", "tips-tiny", "--random"])
+
+
+def test_a_file_that_is_not_an_image_is_one_clear_error(tmp_path):
+    (tmp_path / "notes.jpg").write_text("not pixels")
+    with pytest.raises(SystemExit, match="notes.jpg: not an image file"):
+        main(["pca", str(tmp_path / "notes.jpg"), "--model", "tips-tiny", "--random"])
+
+
+def test_segment_writes_per_class_scores_beside_the_picture(tmp_path, capsys):
+    out = tmp_path / "seg.png"
+    main(
+        [
+            "segment",
+            str(EXAMPLE),
+            "--model",
+            "tips-tiny",
+            "--random",
+            "--labels",
+            "circle, star,,floor",
+            "--image-size",
+            "112",
+            "--out",
+            str(out),
+        ]
+    )
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["labels"] == ["circle", "star", "floor"]
+    assert set(report["scores"]) == {"circle", "star", "floor"}
+    assert sum(score["area"] for score in report["scores"].values()) == pytest.approx(1.0)
+    assert all(colour.startswith("#") and len(colour) == 7 for colour in report["colours"].values())
+    assert "seg.json" in capsys.readouterr().out
+
+
+def test_pca_foreground_threshold(tmp_path, capsys):
+    main(
+        [
+            "pca",
+            str(EXAMPLE),
+            "--model",
+            "tips-tiny",
+            "--random",
+            "--image-size",
+            "112",
+            "--fg-threshold",
+            "0.3",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    assert "foreground" in capsys.readouterr().out
+    right = np.asarray(Image.open(tmp_path / "example_scene_pca.png"))[:, 448:]
+    assert (right.reshape(-1, 3) == 0).all(axis=1).any()  # background patches are black
+    with pytest.raises(SystemExit, match="lower the threshold"):
+        main(
+            [
+                "pca",
+                str(EXAMPLE),
+                "--model",
+                "tips-tiny",
+                "--random",
+                "--image-size",
+                "112",
+                "--fg-threshold",
+                "0.99999",
+                "--out",
+                str(tmp_path),
+            ]
+        )
