@@ -24,6 +24,7 @@ from tipstorch.models.dense import (
     create_dpt_decoder,
     load_scenic_dpt,
 )
+from tipstorch.models.text import TextConfig
 from tipstorch.models.vit import VisionConfig, VisionTransformer
 
 EMBED_DIM, CHANNELS = 32, 16
@@ -147,28 +148,38 @@ def test_registry_names_the_released_urls():
 
 
 def _serve_head(server, tmp_path, monkeypatch, task, size_bytes=None):
-    """Register 'tipsv2-b14' heads at the loopback server, with a B/14-shaped (768-wide) random head."""
-    decoder = create_dpt_decoder(task, DPTConfig(768))
-    randomize(decoder, seed=2)
+    """Point the 'tipsv2-b14' heads at the loopback server; the model is shrunk to width 32 / 4 blocks
+    so the served zip stays small."""
+    decoder = randomize(create_dpt_decoder(task, DPTConfig(EMBED_DIM)), seed=2)  # released head shapes
     path = tmp_path / f"b14_{task}.zip"
     _write_zip(path, _flax_layout(decoder, HEAD_NAMES[task]))
     server.files[f"/scenic/b14_{task}.zip"] = path.read_bytes()
-    real = registry.get_dense_head_spec
+    real_head, real_model = registry.get_dense_head_spec, registry.get_model_spec
 
-    def spec(model_name, wanted_task):
-        found = real(model_name, wanted_task)
+    def head_spec(model_name, wanted_task):
+        found = real_head(model_name, wanted_task)
+        url = f"{server.base_url}/scenic/b14_{wanted_task}.zip"
+        return dataclasses.replace(found, url=url, size_bytes=size_bytes)
+
+    def model_spec(name):
+        spec = real_model(name)
+        vision = dataclasses.replace(spec.config.vision, embed_dim=EMBED_DIM, depth=4, num_heads=2)
         return dataclasses.replace(
-            found, url=f"{server.base_url}/scenic/b14_{wanted_task}.zip", size_bytes=size_bytes
+            spec,
+            config=dataclasses.replace(
+                spec.config, vision=vision, text=TextConfig(width=EMBED_DIM, num_heads=2)
+            ),
         )
 
-    monkeypatch.setattr(dense_heads, "get_dense_head_spec", spec)
+    monkeypatch.setattr(dense_heads, "get_dense_head_spec", head_spec)
+    monkeypatch.setattr(dense_heads, "get_model_spec", model_spec)
     return decoder
 
 
 def test_create_dense_head_downloads_once_and_then_works_offline(loopback, tmp_path, monkeypatch):
     reference = _serve_head(loopback, tmp_path, monkeypatch, "depth")
     head = dense_heads.create_dense_head("tipsv2-b14", "depth")
-    assert not head.training and head.config.layer_indices == (2, 5, 8, 11)
+    assert not head.training and head.config.layer_indices == (0, 1, 2, 3)
     torch.testing.assert_close(head.dpt.convs[1].weight, reference.dpt.convs[1].weight)
     monkeypatch.setenv("TIPSTORCH_OFFLINE", "1")
     again = dense_heads.create_dense_head("tipsv2-b14", "depth")
@@ -188,6 +199,12 @@ def test_random_dense_head_needs_no_download(loopback):
     head = dense_heads.create_dense_head("tipsv2-l14", "segmentation", pretrained=False)
     assert head.head.out_features == 150 and head.config.embed_dim == 1024
     assert head.config.layer_indices == (5, 11, 17, 23)
+    assert dense_heads.create_dense_head("tipsv2-b14", "depth", pretrained=False).config.layer_indices == (
+        2,
+        5,
+        8,
+        11,
+    )
     assert loopback.requests == []
 
 
