@@ -372,3 +372,24 @@ def test_a_tipsv2_model_directory_is_not_a_dpt_checkpoint(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(CheckpointError, match="expected 'tipsv2_dpt'"):
         dense_heads.load_transformers_dpt(tmp_path)
+
+
+def test_a_probe_trained_in_place_saves_and_reloads_with_its_metrics(tmp_path):
+    """The head given to dpt_normals_probe is the one trained: saved, reloaded, it scores the same."""
+    from dataclasses import replace
+
+    from tests.eval.test_probes import _normals_task
+    from tipstorch.eval.metrics import NormalsMetric
+    from tipstorch.eval.probes import DPT_RECIPE, dpt_normals_probe, evaluate_dense_probe
+    from tipstorch.models.dense import DPTNormalsDecoder
+
+    torch.manual_seed(0)
+    head = DPTNormalsDecoder(DPTConfig(embed_dim=16, channels=16, readout_index=1))
+    before = {key: value.clone() for key, value in head.state_dict().items()}
+    test = _normals_task(4, 1)
+    config = replace(DPT_RECIPE.scaled(iterations=20, batch_size=4), learning_rate=1e-3)
+    result = dpt_normals_probe(_normals_task(8, 0), test, config=config, head=head)
+    assert not torch.equal(head.dpt.project.weight, before["dpt.project.weight"])
+    loaded = dense_heads.load_dense_head(dense_heads.save_dense_head(head, tmp_path / "normals.safetensors"))
+    again = evaluate_dense_probe(loaded, *test, NormalsMetric(), lambda normals: normals)
+    assert again["mean"] == pytest.approx(result["mean"], rel=1e-5)
