@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tipstorch import demo
-from tipstorch.factory import scenes_tokenizer_path
+from tipstorch.cli import demo
+from tipstorch.weights.factory import scenes_tokenizer_path
 
 SCENE = scenes_tokenizer_path().with_name("example_scene.png")
 
@@ -28,8 +28,8 @@ def test_without_a_trained_model_the_banner_says_random(tmp_path, monkeypatch):
 
 
 def test_the_main_job_model_is_used_when_it_exists(tmp_path, monkeypatch):
-    from tipstorch.checkpoints import save_model
-    from tipstorch.factory import create_model
+    from tipstorch.weights.factory import create_model
+    from tipstorch.weights.tipstorch_file import save_model
 
     monkeypatch.chdir(tmp_path)
     save_model(create_model("tips-tiny"), tmp_path / "runs" / "tiny_cpu" / "final.safetensors")

@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 
 from tipstorch.cli import main
-from tipstorch.dense_heads import save_dense_head
-from tipstorch.factory import scenes_tokenizer_path
 from tipstorch.models.dense import DPTConfig, create_dpt_decoder
+from tipstorch.weights.dense_heads import save_dense_head
+from tipstorch.weights.factory import scenes_tokenizer_path
 
 EXAMPLE = scenes_tokenizer_path().with_name("example_scene.png")
 TINY_WIDTH = 192  # tips-tiny

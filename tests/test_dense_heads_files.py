@@ -13,9 +13,7 @@ import torch
 from tests.eval.test_dense_heads import _flax_layout, _write_zip
 from tests.helpers import randomize
 from tests.official_decoders import official_decoder_forward
-from tests.test_hub import FileServer
-from tipstorch import dense_heads, hub
-from tipstorch.checkpoints import CheckpointError
+from tests.test_download_cache import FileServer
 from tipstorch.models import registry
 from tipstorch.models.dense import (
     DENSE_TASKS,
@@ -26,6 +24,9 @@ from tipstorch.models.dense import (
 )
 from tipstorch.models.text import TextConfig
 from tipstorch.models.vit import VisionConfig, VisionTransformer
+from tipstorch.weights import cache as hub
+from tipstorch.weights import dense_heads
+from tipstorch.weights.state_io import CheckpointError
 
 EMBED_DIM, CHANNELS = 32, 16
 HEAD_NAMES = {

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.eval.tiny_model import tiny_tips
+from tests.helpers import tiny_tips
 from tipstorch.data.image_files import ImageFileError, read_image
 from tipstorch.eval.dense_predict import (
     clean_labels,
@@ -24,9 +24,9 @@ from tipstorch.eval.dense_predict import (
     resize_to_patches,
     zero_shot_segmentation,
 )
-from tipstorch.factory import get_tokenizer
 from tipstorch.models.dense import DepthBinsConfig, DPTConfig, DPTDepthDecoder, DPTNormalsDecoder
 from tipstorch.viz import colour_map, depth_to_rgb, legend, normals_to_rgb, palette, segmentation_figure
+from tipstorch.weights.factory import get_tokenizer
 
 
 @pytest.fixture(scope="module")

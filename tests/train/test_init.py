@@ -6,12 +6,12 @@ import torch
 import tipstorch
 from tests.helpers import randomize
 from tests.train.loop_helpers import parameters, tiny_cfg, tiny_trainer
-from tipstorch.checkpoints import CheckpointError
 from tipstorch.models.tips import TIPSModel
 from tipstorch.models.vit import resample_pos_embed
 from tipstorch.train.config import ConfigError
 from tipstorch.train.init import build_model, fold_pixel_normalization, model_config
 from tipstorch.train.teacher import FrozenTeacher
+from tipstorch.weights.state_io import CheckpointError
 
 
 @pytest.fixture

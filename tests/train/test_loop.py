@@ -9,9 +9,10 @@ import torch
 
 import tipstorch
 from tests.train.loop_helpers import losses, parameters, signal_after, tiny_trainer
-from tipstorch.checkpoints import CheckpointError
-from tipstorch.train.checkpoint import FINAL, LAST, PREVIOUS, load_checkpoint
 from tipstorch.train.loop import LOG_FILE, NonFiniteLossError, Trainer
+from tipstorch.train.run_state import FINAL, LAST, PREVIOUS, load_checkpoint
+from tipstorch.weights.factory import get_tokenizer
+from tipstorch.weights.state_io import CheckpointError
 
 
 def test_a_50_step_run_on_16_scenes_lowers_the_contrastive_losses_below_chance(tmp_path):
@@ -37,7 +38,7 @@ def straight_and_resumed(tmp_path, steps: int, config: str, *overrides: str):
     result = interrupted.fit(signal_after(interrupted.batches(), steps // 2))
     assert (result.status, result.step, result.signal_name) == ("interrupted", steps // 2, "SIGTERM")
     state, _ = load_checkpoint(tmp_path / "resumed")
-    resumed = Trainer(interrupted.cfg, out_dir=tmp_path / "resumed", resume=state)
+    resumed = Trainer(interrupted.cfg, get_tokenizer, out_dir=tmp_path / "resumed", resume=state)
     assert resumed.step == steps // 2
     resumed_history = losses(interrupted.history + resumed.fit().history)
     return straight, straight_history, resumed, resumed_history
@@ -188,6 +189,6 @@ def test_evaluate_runs_before_and_after_and_is_kept_across_a_resume(tmp_path):
     result = trainer.fit(signal_after(trainer.batches(), 2))
     assert result.eval_before == {"score": 1.0} and calls == [False]
     state, _ = load_checkpoint(tmp_path)
-    result = Trainer(trainer.cfg, out_dir=tmp_path, resume=state, evaluate=evaluate).fit()
+    result = Trainer(trainer.cfg, get_tokenizer, out_dir=tmp_path, resume=state, evaluate=evaluate).fit()
     assert (result.eval_before, result.eval_after) == ({"score": 1.0}, {"score": 2.0})
     assert calls == [False, False]  # evaluated in eval mode, not re-evaluated before the resumed part

@@ -161,7 +161,7 @@ class LoopCfg:
 @dataclass
 class EvalCfg:
     every: int = 0  # steps between evaluations; 0 = only before and after training
-    tasks: list[str] = field(default_factory=list)  # quick-eval tasks (tipstorch.eval.quick); empty = its default set
+    tasks: list[str] = field(default_factory=list)  # quick-eval tasks (e.g. knn, seg-probe; tipstorch.eval.quick); empty = its default set
     quick: bool = False  # run tipstorch.eval.quick (scenes zero-shot / retrieval / probes) before and after training
 
 

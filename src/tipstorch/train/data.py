@@ -29,7 +29,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from tipstorch.data.collate import MultiCropCollate, MultiCropConfig, Tokenize
-from tipstorch.data.scenes import SceneSample, ScenesConfig, ScenesDataset
+from tipstorch.data.sample import ImageTextSample
+from tipstorch.data.scenes import ScenesConfig, ScenesDataset
 from tipstorch.data.shards import ShardDataset
 from tipstorch.train.config import DataCfg
 
@@ -58,7 +59,7 @@ class BatchCollator:
         self.collate = MultiCropCollate(crops, tokenize)
         self.seed, self.rank = seed, rank
 
-    def __call__(self, samples: list[SceneSample], step: int) -> dict[str, torch.Tensor]:
+    def __call__(self, samples: list[ImageTextSample], step: int) -> dict[str, torch.Tensor]:
         self.collate.generator = batch_generator(self.seed, step, self.rank)
         batch = self.collate(samples)
         return {key: batch[key] for key in BATCH_KEYS}
@@ -97,7 +98,7 @@ class ShardBatches(IterableDataset):
         )
         self.collator, self.local_batch, self.start_step = collator, local_batch, start_step
 
-    def _samples(self) -> Iterator[SceneSample]:
+    def _samples(self) -> Iterator[ImageTextSample]:
         for epoch in itertools.count():
             self.reader.set_epoch(epoch)
             yielded = 0

@@ -27,17 +27,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from tipstorch.checkpoints import CheckpointError, load_checked
-from tipstorch.factory import load_model
 from tipstorch.models.heads import ProjectionHead
 from tipstorch.models.registry import get_model_spec
 from tipstorch.models.text import TextConfig
 from tipstorch.models.tips import TIPSConfig, TIPSModel
 from tipstorch.models.vit import VisionConfig, resample_pos_embed
-from tipstorch.train.checkpoint import LAST, load_checkpoint
 from tipstorch.train.config import ConfigError, ModelCfg, TrainCfg
+from tipstorch.train.run_state import LAST, load_checkpoint
 from tipstorch.train.student import TIPSStudent
 from tipstorch.train.teacher import BACKBONE, EMATeacher, FrozenTeacher
+from tipstorch.weights.factory import load_model
+from tipstorch.weights.state_io import CheckpointError, load_checked
 
 logger = logging.getLogger("tipstorch.train")
 

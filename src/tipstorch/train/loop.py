@@ -10,7 +10,7 @@ is not finite (nothing updated, no checkpoint written) -> centre update, optimis
 clamp, teacher EMA update.
 
 Outputs in ``out_dir``: ``config.yaml``, ``log.jsonl`` (every ``loop.log_every`` steps), ``tensorboard/``,
-``last.pt`` / ``previous.pt`` / ``step-<N>.pt`` (see ``checkpoint.py``), ``final.safetensors`` (the
+``last.pt`` / ``previous.pt`` / ``step-<N>.pt`` (see ``run_state.py``), ``final.safetensors`` (the
 student's model, for ``tipstorch.load_model``; the EMA teacher has no text tower, so the student is the
 image-text model).
 """
@@ -34,11 +34,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from tipstorch.checkpoints import save_model
-from tipstorch.factory import get_tokenizer
 from tipstorch.models.tips import TIPSConfig, TIPSModel
 from tipstorch.models.tokenizer import Tokenizer
-from tipstorch.train.checkpoint import FINAL, LAST, StopOnSignal, rng_state, save_checkpoint, set_rng_state
 from tipstorch.train.config import ConfigError, TrainCfg, dump_config
 from tipstorch.train.contrastive_accum import accumulate_gradients, split_batch
 from tipstorch.train.data import SCENES, training_batches
@@ -46,9 +43,11 @@ from tipstorch.train.distributed import DistributedContext, any_rank, gather_row
 from tipstorch.train.init import build_model, build_teacher, load_heads, trainable
 from tipstorch.train.losses import TIPSLoss
 from tipstorch.train.optim import build_optimizer, clip_gradients, set_hyperparams
+from tipstorch.train.run_state import FINAL, LAST, StopOnSignal, rng_state, save_checkpoint, set_rng_state
 from tipstorch.train.schedules import ScheduleValues, TrainingSchedules
 from tipstorch.train.student import TIPSStudent, self_supervised_parts
 from tipstorch.train.teacher import FrozenTeacher
+from tipstorch.weights.tipstorch_file import save_model
 
 logger = logging.getLogger("tipstorch.train")
 
@@ -114,8 +113,10 @@ class Trainer:
 
     Args:
         cfg: the recipe.
+        tokenizer_for: model -> its tokenizer (e.g. ``tipstorch.get_tokenizer``), called on first use (the
+            official tokenizer may need a download).
         out_dir: where logs and checkpoints go (default ``cfg.loop.out_dir``).
-        resume: a state read by ``checkpoint.load_checkpoint``; the model is rebuilt from its saved
+        resume: a state read by ``run_state.load_checkpoint``; the model is rebuilt from its saved
             architecture (``model.init`` is not loaded again) and every state restored.
         evaluate: (model, tokenizer) -> metrics, run on rank 0 before training (fresh runs), every
             ``eval.every`` steps and after training.
@@ -125,12 +126,13 @@ class Trainer:
     def __init__(
         self,
         cfg: TrainCfg,
+        tokenizer_for: Callable[[TIPSModel], Tokenizer],
         out_dir: str | Path | None = None,
         resume: Mapping[str, Any] | None = None,
         evaluate: Evaluate | None = None,
         context: DistributedContext | None = None,
     ) -> None:
-        self.cfg, self.evaluate = cfg, evaluate
+        self.cfg, self.evaluate, self.tokenizer_for = cfg, evaluate, tokenizer_for
         self.out_dir = Path(out_dir if out_dir is not None else cfg.loop.out_dir)
         self.context = context or setup_distributed()
         loop, world = cfg.loop, self.context.world_size
@@ -170,7 +172,7 @@ class Trainer:
     @functools.cached_property
     def tokenizer(self) -> Tokenizer:
         """The model's tokenizer (loaded on first use: the official one may need a download)."""
-        return get_tokenizer(self.model)
+        return self.tokenizer_for(self.model)
 
     # ------------------------------------------------------------------------------------------ state
 

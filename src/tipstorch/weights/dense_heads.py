@@ -25,17 +25,6 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from tipstorch import hub
-from tipstorch.checkpoints import (
-    CheckpointError,
-    atomic_write,
-    config_from_transformers,
-    from_transformers_state,
-    load_checked,
-    read_safetensors,
-    to_transformers_state,
-    transformers_config,
-)
 from tipstorch.models.dense import (
     ADE20K_NUM_CLASSES,
     DENSE_TASKS,
@@ -53,6 +42,14 @@ from tipstorch.models.registry import get_dense_head_spec, get_model_spec
 from tipstorch.models.text import TextConfig
 from tipstorch.models.tips import TIPSConfig, TIPSModel
 from tipstorch.models.vit import VisionConfig, VisionTransformer
+from tipstorch.weights import cache
+from tipstorch.weights.state_io import CheckpointError, atomic_write, load_checked, read_safetensors
+from tipstorch.weights.transformers import (
+    config_from_transformers,
+    from_transformers_state,
+    to_transformers_state,
+    transformers_config,
+)
 
 DENSE_HEAD_FORMAT = "tipstorch-dense-head"
 TRANSFORMERS_ARCHITECTURES = {
@@ -89,7 +86,7 @@ def create_dense_head(
     config = DPTConfig(vision.embed_dim, layer_indices=dpt_layer_indices(vision.depth))
     decoder = create_dpt_decoder(task, config)
     if pretrained:
-        load_scenic_dpt(decoder, hub.download(spec.url, expected_size=spec.size_bytes))
+        load_scenic_dpt(decoder, cache.download(spec.url, expected_size=spec.size_bytes))
     return _place(decoder, device, dtype)
 
 
@@ -139,7 +136,7 @@ def save_dense_head(decoder: DPTDecoder, path: str | os.PathLike, model: str | N
 
 def load_dense_head(path: str | os.PathLike) -> DPTDecoder:
     """A DPT decoder from a file written by ``save_dense_head`` (or a Scenic zip); eval mode."""
-    path = hub.resolve(path)
+    path = cache.resolve(path)
     if path.suffix in (".zip", ".npz"):
         return read_scenic_zip(path)
     state, metadata = read_safetensors(path)
@@ -158,7 +155,7 @@ def load_dense_head(path: str | os.PathLike) -> DPTDecoder:
 
 def dense_head_model(path: str | os.PathLike) -> str | None:
     """The model a tipstorch head file says it was trained on (None if it does not say)."""
-    _, metadata = read_safetensors(hub.resolve(path))
+    _, metadata = read_safetensors(cache.resolve(path))
     return metadata.get("model") or None
 
 

@@ -25,7 +25,7 @@ from tipstorch.models.dense import DPTDecoder
 from tipstorch.models.tips import TIPSModel
 from tipstorch.viz import depth_to_rgb, normals_to_rgb, segmentation_figure, side_by_side
 
-LOG = logging.getLogger("tipstorch.demo")
+LOG = logging.getLogger("tipstorch.cli.demo")
 DEFAULT_LABELS = "sky, tree, road, building, person, car"
 DEFAULT_TEXTS = "a photo of a street\na photo of a kitchen\na photo of a cat"
 
@@ -253,10 +253,10 @@ def prepare_demo_model(
     """The model the page shows, with a banner saying which. No ``model_source``: the main job's
     ``runs/tiny_cpu/final.safetensors`` when it exists, else a random ``tips-tiny``. Heads per dense
     task: the given file, else the released head of a registered TIPSv2 model, else a random head."""
-    from tipstorch.dense_heads import create_dense_head, load_dense_head
-    from tipstorch.factory import create_model, get_tokenizer, load_model
-    from tipstorch.hub import DownloadError
     from tipstorch.models.registry import list_dense_heads
+    from tipstorch.weights.cache import DownloadError
+    from tipstorch.weights.dense_heads import create_dense_head, load_dense_head
+    from tipstorch.weights.factory import create_model, get_tokenizer, load_model
 
     if model_source is None and MAIN_JOB_MODEL.exists() and not random:
         model, description = (

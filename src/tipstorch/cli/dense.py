@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tipstorch.cli import add_model_arguments, autocast, model_from_args
+from tipstorch.cli.model_args import add_model_arguments, autocast, model_from_args
 from tipstorch.data.image_files import ImageFileError, read_image
 
 
@@ -34,9 +34,9 @@ def _target(image_path: str, out_dir: str | None, suffix: str) -> Path:
 
 
 def _head(args: argparse.Namespace, task: str):
-    from tipstorch.checkpoints import CheckpointError
-    from tipstorch.dense_heads import dense_head_from
-    from tipstorch.hub import DownloadError
+    from tipstorch.weights.cache import DownloadError
+    from tipstorch.weights.dense_heads import dense_head_from
+    from tipstorch.weights.state_io import CheckpointError
 
     try:
         head = dense_head_from(args.head, task, args.model, pretrained=not args.random)
@@ -149,7 +149,7 @@ def run_demo(args: argparse.Namespace) -> None:
         import gradio  # noqa: F401
     except ImportError as error:
         raise SystemExit("error: the demo needs gradio: pip install 'tipstorch[demo]'") from error
-    from tipstorch.demo import launch, prepare_demo_model
+    from tipstorch.cli.demo import launch, prepare_demo_model
 
     demo_model = prepare_demo_model(
         args.model, args.random, {"depth": args.depth_head, "normals": args.normals_head}, args.device
