@@ -163,3 +163,21 @@ def test_pca_foreground_threshold(tmp_path, capsys):
                 str(tmp_path),
             ]
         )
+
+
+def test_probes_saved_by_eval_drive_depth_and_normals(tmp_path, scene, capsys):
+    """tipstorch eval --save-probes -> tipstorch depth/normals --head: the probe's task, config and weights."""
+    from tipstorch.weights.dense_heads import dense_head_model, load_dense_head
+
+    probes = tmp_path / "probes"
+    main(["eval", "--model", "tips-tiny", "--random", "--tasks", "depth-dpt,normals-dpt", "--data", "scenes",
+          "--max-samples", "4", "--probe-iterations", "2", "--probe-batch-size", "2", "--image-size", "56",
+          "--save-probes", str(probes), "--out", str(tmp_path / "eval.json")])
+    depth_file, normals_file = probes / "scenes_depth_dpt.safetensors", probes / "scenes_normals_dpt.safetensors"
+    assert f"wrote probe {depth_file}" in capsys.readouterr().out
+    head = load_dense_head(depth_file)
+    assert head.config.readout_index == 1 and head.config.layer_indices == (1, 2, 4, 5)  # tips-tiny: 6 blocks
+    assert dense_head_model(depth_file) == "tips-tiny"
+    main(["depth", str(scene), "--model", "tips-tiny", "--random", "--head", str(depth_file), "--image-size", "56"])
+    main(["normals", str(scene), "--model", "tips-tiny", "--random", "--head", str(normals_file), "--image-size", "56"])
+    assert scene.with_name("scene_depth.npy").exists() and scene.with_name("scene_normals.png").exists()
