@@ -27,6 +27,11 @@ def scene(tmp_path):
     return target
 
 
+def tiny(*argv) -> None:
+    """``tipstorch ARGV --model tips-tiny --random``."""
+    main([*map(str, argv), "--model", "tips-tiny", "--random"])
+
+
 def _head_file(tmp_path, task, width=TINY_WIDTH):
     torch.manual_seed(0)
     return save_dense_head(
@@ -36,19 +41,7 @@ def _head_file(tmp_path, task, width=TINY_WIDTH):
 
 @pytest.mark.parametrize("task", ["depth", "normals"])
 def test_dense_map_writes_a_picture_and_an_array_beside_the_image(tmp_path, scene, capsys, task):
-    main(
-        [
-            task,
-            str(scene),
-            "--model",
-            "tips-tiny",
-            "--random",
-            "--head",
-            str(_head_file(tmp_path, task)),
-            "--image-size",
-            "112",
-        ]
-    )
+    tiny(task, str(scene), "--head", str(_head_file(tmp_path, task)), "--image-size", "112")
     size = Image.open(scene).size
     picture = Image.open(scene.with_name(f"scene_{task}.png"))
     array = np.load(scene.with_name(f"scene_{task}.npy"), allow_pickle=False)
@@ -62,64 +55,27 @@ def test_dense_map_writes_a_picture_and_an_array_beside_the_image(tmp_path, scen
 
 
 def test_dense_map_out_dir_and_head_of_the_wrong_task(tmp_path, scene):
-    main(
-        [
-            "depth",
-            str(scene),
-            "--model",
-            "tips-tiny",
-            "--random",
-            "--head",
-            str(_head_file(tmp_path, "depth")),
-            "--image-size",
-            "56",
-            "--out-dir",
-            str(tmp_path / "out"),
-        ]
-    )
+    head = _head_file(tmp_path, "depth")
+    tiny("depth", scene, "--head", head, "--image-size", "56", "--out-dir", tmp_path / "out")
     assert (tmp_path / "out" / "scene_depth.npy").exists()
     with pytest.raises(SystemExit, match="a normals head, not a depth head"):
-        main(
-            [
-                "depth",
-                str(scene),
-                "--model",
-                "tips-tiny",
-                "--random",
-                "--head",
-                str(_head_file(tmp_path, "normals")),
-            ]
-        )
+        tiny("depth", str(scene), "--head", str(_head_file(tmp_path, "normals")))
 
 
 def test_a_model_without_released_heads_needs_a_head_file(scene):
     with pytest.raises(SystemExit, match="(?s)no released DPT heads for model 'tips-tiny'.*--head FILE"):
-        main(["depth", str(scene), "--model", "tips-tiny", "--random"])
+        tiny("depth", str(scene))
 
 
 def test_a_file_that_is_not_an_image_is_one_clear_error(tmp_path):
     (tmp_path / "notes.jpg").write_text("not pixels")
     with pytest.raises(SystemExit, match="notes.jpg: not an image file"):
-        main(["pca", str(tmp_path / "notes.jpg"), "--model", "tips-tiny", "--random"])
+        tiny("pca", str(tmp_path / "notes.jpg"))
 
 
 def test_segment_writes_per_class_scores_beside_the_picture(tmp_path, capsys):
     out = tmp_path / "seg.png"
-    main(
-        [
-            "segment",
-            str(EXAMPLE),
-            "--model",
-            "tips-tiny",
-            "--random",
-            "--labels",
-            "circle, star,,floor",
-            "--image-size",
-            "112",
-            "--out",
-            str(out),
-        ]
-    )
+    tiny("segment", str(EXAMPLE), "--labels", "circle, star,,floor", "--image-size", "112", "--out", str(out))
     report = json.loads(out.with_suffix(".json").read_text())
     assert report["labels"] == ["circle", "star", "floor"]
     assert set(report["scores"]) == {"circle", "star", "floor"}
@@ -128,41 +84,17 @@ def test_segment_writes_per_class_scores_beside_the_picture(tmp_path, capsys):
     assert "seg.json" in capsys.readouterr().out
 
 
+def _pca(out, threshold):
+    tiny("pca", str(EXAMPLE), "--image-size", "112", "--fg-threshold", str(threshold), "--out", str(out))
+
+
 def test_pca_foreground_threshold(tmp_path, capsys):
-    main(
-        [
-            "pca",
-            str(EXAMPLE),
-            "--model",
-            "tips-tiny",
-            "--random",
-            "--image-size",
-            "112",
-            "--fg-threshold",
-            "0.3",
-            "--out",
-            str(tmp_path),
-        ]
-    )
+    _pca(tmp_path, 0.3)
     assert "foreground" in capsys.readouterr().out
     right = np.asarray(Image.open(tmp_path / "example_scene_pca.png"))[:, 448:]
     assert (right.reshape(-1, 3) == 0).all(axis=1).any()  # background patches are black
     with pytest.raises(SystemExit, match="lower the threshold"):
-        main(
-            [
-                "pca",
-                str(EXAMPLE),
-                "--model",
-                "tips-tiny",
-                "--random",
-                "--image-size",
-                "112",
-                "--fg-threshold",
-                "0.99999",
-                "--out",
-                str(tmp_path),
-            ]
-        )
+        _pca(tmp_path, 0.99999)
 
 
 def test_probes_saved_by_eval_drive_depth_and_normals(tmp_path, scene, capsys):
@@ -170,14 +102,17 @@ def test_probes_saved_by_eval_drive_depth_and_normals(tmp_path, scene, capsys):
     from tipstorch.weights.dense_heads import dense_head_model, load_dense_head
 
     probes = tmp_path / "probes"
-    main(["eval", "--model", "tips-tiny", "--random", "--tasks", "depth-dpt,normals-dpt", "--data", "scenes",
-          "--max-samples", "4", "--probe-iterations", "2", "--probe-batch-size", "2", "--image-size", "56",
-          "--save-probes", str(probes), "--out", str(tmp_path / "eval.json")])
-    depth_file, normals_file = probes / "scenes_depth_dpt.safetensors", probes / "scenes_normals_dpt.safetensors"
+    smoke = "--max-samples 4 --probe-iterations 2 --probe-batch-size 2 --image-size 56".split()
+    tiny("eval", "--tasks", "depth-dpt,normals-dpt", "--data", "scenes", *smoke, "--save-probes", probes,
+         "--out", tmp_path / "eval.json")  # fmt: skip
+    depth_file, normals_file = (
+        probes / "scenes_depth_dpt.safetensors",
+        probes / "scenes_normals_dpt.safetensors",
+    )
     assert f"wrote probe {depth_file}" in capsys.readouterr().out
     head = load_dense_head(depth_file)
     assert head.config.readout_index == 1 and head.config.layer_indices == (1, 2, 4, 5)  # tips-tiny: 6 blocks
     assert dense_head_model(depth_file) == "tips-tiny"
-    main(["depth", str(scene), "--model", "tips-tiny", "--random", "--head", str(depth_file), "--image-size", "56"])
-    main(["normals", str(scene), "--model", "tips-tiny", "--random", "--head", str(normals_file), "--image-size", "56"])
+    tiny("depth", str(scene), "--head", str(depth_file), "--image-size", "56")
+    tiny("normals", str(scene), "--head", str(normals_file), "--image-size", "56")
     assert scene.with_name("scene_depth.npy").exists() and scene.with_name("scene_normals.png").exists()

@@ -173,28 +173,16 @@ def build_demo(demo_model: DemoModel):
                 )
                 pca_status = gr.Markdown(elem_id="pca-status")
                 pca_button.click(_safely(handlers.pca, 1), [upload, threshold], [pca_image, pca_status])
-            with gr.Tab("Depth", id="depth"):
-                gr.Markdown(f"Head: {demo_model.head_notes['depth']}")
-                depth_button = gr.Button("Predict depth", variant="primary", elem_id="depth-button")
-                depth_image = gr.Image(
-                    label="Depth (near dark, far light)", type="pil", elem_id="depth-output"
-                )
-                depth_summary = gr.Markdown()
-                depth_status = gr.Markdown(elem_id="depth-status")
-                depth_button.click(
-                    _safely(handlers.depth, 2), [upload], [depth_image, depth_summary, depth_status]
-                )
-            with gr.Tab("Normals", id="normals"):
-                gr.Markdown(f"Head: {demo_model.head_notes['normals']}")
-                normals_button = gr.Button("Predict normals", variant="primary", elem_id="normals-button")
-                normals_image = gr.Image(
-                    label="Surface normals, RGB = (n + 1) / 2", type="pil", elem_id="normals-output"
-                )
-                normals_summary = gr.Markdown()
-                normals_status = gr.Markdown(elem_id="normals-status")
-                normals_button.click(
-                    _safely(handlers.normals, 2), [upload], [normals_image, normals_summary, normals_status]
-                )
+            for task, title, label in (
+                ("depth", "Depth", "Depth (near dark, far light)"),
+                ("normals", "Normals", "Surface normals, RGB = (n + 1) / 2"),
+            ):
+                with gr.Tab(title, id=task):
+                    gr.Markdown(f"Head: {demo_model.head_notes[task]}")
+                    button = gr.Button(f"Predict {task}", variant="primary", elem_id=f"{task}-button")
+                    picture = gr.Image(label=label, type="pil", elem_id=f"{task}-output")
+                    summary, status = gr.Markdown(), gr.Markdown(elem_id=f"{task}-status")
+                    button.click(_safely(getattr(handlers, task), 2), [upload], [picture, summary, status])
             with gr.Tab("Image-text similarity", id="similarity"):
                 texts = gr.Textbox(
                     value=DEFAULT_TEXTS, lines=4, label="Texts (one per line)", elem_id="texts"
