@@ -113,7 +113,7 @@ def test_segment_writes_an_overlay_and_an_area_table(tmp_path, capsys):
     out = tmp_path / "seg.png"
     main(["segment", EXAMPLE, "--model", "tips-tiny", "--random", "--labels", "circle,star,floor",
           "--image-size", "112", "--out", str(out)])
-    assert Image.open(out).size == (896, 448)
+    assert Image.open(out).size == (896 + 260, 448)  # image, overlay (448 high each), legend
     rows = capsys.readouterr().out.strip().splitlines()[2:]
     assert [row.split()[0] for row in rows] == ["circle", "star", "floor"]
     assert sum(float(row.split()[-1].rstrip("%")) for row in rows) == pytest.approx(100, abs=0.5)

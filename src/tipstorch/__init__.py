@@ -4,6 +4,7 @@ from tipstorch.data.transforms import image_transform
 from tipstorch.models.registry import list_models
 from tipstorch.models.tips import TIPSConfig, TIPSModel
 from tipstorch.models.vit import ImageFeatures
+from tipstorch.weights.dense_heads import create_dense_head, load_dense_head
 from tipstorch.weights.factory import create_model, get_tokenizer, load_model
 from tipstorch.weights.state_io import CheckpointError
 from tipstorch.weights.tipstorch_file import save_model
@@ -16,10 +17,12 @@ __all__ = [
     "TIPSConfig",
     "TIPSModel",
     "__version__",
+    "create_dense_head",
     "create_model",
     "get_tokenizer",
     "image_transform",
     "list_models",
+    "load_dense_head",
     "load_model",
     "save_model",
 ]

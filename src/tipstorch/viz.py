@@ -1,4 +1,5 @@
-"""Pictures of features and predictions: PCA maps of patch tokens and label-map overlays."""
+"""Pictures of features and predictions: PCA maps of patch tokens, label-map overlays with legends,
+colour-mapped depth and surface normals."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 
 def pca_rgb(patch_tokens: torch.Tensor, num_components: int = 3, quantile: float = 0.01) -> torch.Tensor:
@@ -62,3 +63,75 @@ def side_by_side(images: Sequence[Image.Image], height: int = 448) -> Image.Imag
 def colours_to_image(colours: torch.Tensor) -> Image.Image:
     """float [h, w, 3] in [0, 1] -> PIL RGB image of h x w pixels."""
     return Image.fromarray((colours.cpu().numpy() * 255).round().astype(np.uint8))
+
+
+# anchor colours of the depth colour map, dark (near) to light (far): black-purple-red-orange-pale yellow
+_DEPTH_ANCHORS = np.array(
+    [
+        (0, 0, 4),
+        (40, 11, 84),
+        (101, 21, 110),
+        (159, 42, 99),
+        (212, 72, 66),
+        (245, 125, 21),
+        (250, 193, 39),
+        (252, 255, 164),
+    ],
+    dtype=np.float64,
+)
+
+
+def colour_map(values: np.ndarray, anchors: np.ndarray = _DEPTH_ANCHORS) -> np.ndarray:
+    """float [...] in [0, 1] -> uint8 RGB [..., 3], linear between evenly spaced anchor colours."""
+    positions = np.clip(np.nan_to_num(values, nan=0.0), 0.0, 1.0) * (len(anchors) - 1)
+    low = np.minimum(positions.astype(np.int64), len(anchors) - 2)
+    frac = (positions - low)[..., None]
+    return np.round(anchors[low] * (1 - frac) + anchors[low + 1] * frac).astype(np.uint8)
+
+
+def depth_to_rgb(depth: np.ndarray, quantile: float = 0.02) -> np.ndarray:
+    """Depth [H, W] -> uint8 RGB [H, W, 3]: near dark, far light, scaled between the ``quantile`` and
+    ``1 - quantile`` depths of the map (so a few outliers do not flatten it)."""
+    low, high = np.quantile(depth, [quantile, 1 - quantile])
+    return colour_map((depth - low) / max(high - low, 1e-8))
+
+
+def normals_to_rgb(normals: np.ndarray) -> np.ndarray:
+    """Unit normals [H, W, 3] (x, y, z in [-1, 1]) -> uint8 RGB [H, W, 3] = (n + 1) / 2 (the usual picture)."""
+    return np.round((np.clip(normals, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
+
+
+def legend(
+    labels: Sequence[str], colours: np.ndarray, notes: Sequence[str] | None = None, width: int = 260
+) -> Image.Image:
+    """A white strip with one colour swatch and name per label (and ``notes[i]`` after it)."""
+    font = ImageFont.load_default()
+    row = 22
+    canvas = Image.new("RGB", (width, 8 + row * len(labels)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for index, label in enumerate(labels):
+        top = 4 + index * row
+        draw.rectangle(
+            (6, top + 2, 24, top + 18), fill=tuple(int(c) for c in colours[index]), outline="black"
+        )
+        text = label if notes is None else f"{label}  {notes[index]}"
+        draw.text((32, top + 4), text, fill="black", font=font)
+    return canvas
+
+
+def segmentation_figure(
+    image: Image.Image,
+    label_map: np.ndarray,
+    labels: Sequence[str],
+    notes: Sequence[str] | None = None,
+    height: int = 448,
+) -> Image.Image:
+    """Image | overlay of the label map [H, W] (indices into ``labels``) | legend, ``height`` pixels high."""
+    colours = palette(len(labels))
+    overlay = Image.blend(image.convert("RGB"), Image.fromarray(colours[label_map]), 0.55)
+    joined = side_by_side([image, overlay], height=height)
+    key = legend(labels, colours, notes)
+    canvas = Image.new("RGB", (joined.width + key.width, max(joined.height, key.height)), "white")
+    canvas.paste(joined, (0, 0))
+    canvas.paste(key, (joined.width, 0))
+    return canvas

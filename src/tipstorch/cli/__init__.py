@@ -2,7 +2,7 @@
 
 The library packages below (models, weights, data, train, eval) never parse arguments, print
 tables or exit; each command group here composes them: ``inference`` (models, encode, classify,
-pca, segment, convert), ``data`` (write-shards), ``train`` (training + the quick evaluation) and
+convert), ``dense`` (depth, normals, segment, pca, demo), ``data`` (write-shards), ``train`` (training + the quick evaluation) and
 ``eval``.
 """
 
@@ -12,6 +12,7 @@ import argparse
 from collections.abc import Sequence
 
 from tipstorch.cli.data import add_data_parser
+from tipstorch.cli.dense import add_dense_parsers
 from tipstorch.cli.eval import add_eval_parser
 from tipstorch.cli.inference import add_inference_parsers
 from tipstorch.cli.train import add_train_parser
@@ -24,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_parser(commands)
     add_train_parser(commands)
     add_eval_parser(commands)
+    add_dense_parsers(commands)
     return parser
 
 

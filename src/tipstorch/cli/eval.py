@@ -109,6 +109,9 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     parser.add_argument("--probe-batch-size", type=int, help="dense probe batch size (default: the paper's 16 / 8)")
     parser.add_argument("--class-names", type=Path, help="JSON {folder: class name} for imagenet zero-shot prompts")
     parser.add_argument("--seed", type=int, default=0, help="seed of --max-samples subsets and probes")
+    parser.add_argument("--save-probes", type=Path, metavar="DIR",
+                        help="write the trained DPT probes (depth-dpt, normals-dpt) to DIR/<data>_<task>.safetensors, "
+                             "for 'tipstorch depth/normals --head FILE' and the demo")
     add_model_arguments(parser)
     parser.set_defaults(func=run_eval)
     return parser
@@ -164,6 +167,19 @@ def _run(context: EvalContext, runs: list[tuple[str, str, Path | None]]) -> dict
     return results
 
 
+def _save_probes(results: dict[str, TaskResult], directory: Path, model: str) -> None:
+    from tipstorch.weights.dense_heads import save_dense_head
+
+    saved = 0
+    for name, result in results.items():
+        for task, head in result.heads.items():
+            path = save_dense_head(head, directory / f"{name.split('/')[0]}_{task}.safetensors", model=model)
+            print(f"wrote probe {path}")
+            saved += 1
+    if not saved:
+        print("--save-probes: none of the tasks run trains a DPT probe (depth-dpt, normals-dpt)", file=sys.stderr)
+
+
 def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     """Run ``tipstorch eval``; returns the report that is written to ``--out``."""
     _check_args(args)
@@ -199,6 +215,8 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         if result.details:
             report["details"][name] = result.details
 
+    if args.save_probes:
+        _save_probes(results, args.save_probes, str(args.model))
     table = format_comparison({str(args.model) + (" (random)" if args.random else ""): report["metrics"]})
     atomic_write(args.out, lambda path: Path(path).write_text(json.dumps(report, indent=2) + "\n"))
     if args.table:

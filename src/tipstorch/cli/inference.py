@@ -1,4 +1,4 @@
-"""``tipstorch models / encode / classify / pca / segment / convert``: running a model on images."""
+"""``tipstorch models / encode / classify / convert``: running a model on images (pictures: ``cli.dense``)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from tipstorch.cli.model_args import add_model_arguments, autocast, load_images, model_from_args, open_image
+from tipstorch.cli.model_args import add_model_arguments, autocast, load_images, model_from_args
 from tipstorch.models.registry import get_model_spec, list_models
 
 
@@ -72,54 +72,6 @@ def run_classify(args: argparse.Namespace) -> None:
         print(f"{rank:>4}  {labels[index]:<24} {probabilities[index].item():>11.4f}")
 
 
-def run_pca(args: argparse.Namespace) -> None:
-    """PNG of each image beside the first three principal components of its patch tokens."""
-    from PIL import Image
-
-    from tipstorch.viz import colours_to_image, pca_rgb, side_by_side
-
-    model, _ = model_from_args(args)
-    images = load_images(args.images, args.image_size or model.image_size, args.keep_aspect)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for path, image in zip(args.images, images, strict=True):
-        with torch.inference_mode(), autocast(args):
-            patch_tokens = model.encode_image(image[None].to(args.device)).patch_tokens[0]
-        picture = Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
-        target = out / f"{Path(path).stem}_pca.png"
-        side_by_side([picture, colours_to_image(pca_rgb(patch_tokens))]).save(target)
-        print(f"wrote {target} ({patch_tokens.shape[0]}x{patch_tokens.shape[1]} patches)")
-
-
-def run_segment(args: argparse.Namespace) -> None:
-    """Zero-shot segmentation of an image into the given labels (official notebook protocol)."""
-    from functools import partial
-
-    from tipstorch.eval.zeroshot import (
-        ZeroShotSegConfig,
-        segment_image,
-        segmentation_classifier,
-        values_readout,
-    )
-    from tipstorch.viz import overlay_labels, palette, side_by_side
-
-    labels = parse_labels(args.labels)
-    model, tokenizer = model_from_args(args)
-    config = ZeroShotSegConfig(short_side=args.image_size or model.image_size, window=args.image_size or model.image_size,
-                               stride=args.stride or (args.image_size or model.image_size) * 3 // 4)
-    image = open_image(args.image)
-    with torch.inference_mode(), autocast(args):
-        classifier = segmentation_classifier(lambda ids: model.encode_text(ids.to(args.device)), tokenizer, labels, config)
-        label_map = segment_image(partial(values_readout, model.visual), image, classifier.float(), config)
-    side_by_side([image, overlay_labels(image, label_map)]).save(args.out)
-    colours = palette(len(labels))
-    print(f"wrote {args.out}")
-    print(f"{'label':<24} {'colour':<9} {'area':>6}")
-    for index, label in enumerate(labels):
-        area = (label_map == index).float().mean().item()
-        print(f"{label:<24} #{bytes(colours[index]).hex():<8} {area:>6.1%}")
-
-
 def run_convert(args: argparse.Namespace) -> None:
     """Write a model in another checkpoint format."""
     from tipstorch.weights.official import save_official
@@ -162,23 +114,6 @@ def add_inference_parsers(commands: argparse._SubParsersAction) -> None:
     classify.add_argument("--image-size", type=int)
     add_model_arguments(classify)
     classify.set_defaults(func=run_classify)
-
-    pca = commands.add_parser("pca", help="PNG maps of the first 3 principal components of the patch tokens")
-    pca.add_argument("images", nargs="+")
-    pca.add_argument("--out", default="pca", help="output folder (default: pca)")
-    pca.add_argument("--image-size", type=int)
-    pca.add_argument("--keep-aspect", action="store_true")
-    add_model_arguments(pca)
-    pca.set_defaults(func=run_pca)
-
-    segment = commands.add_parser("segment", help="zero-shot segmentation of an image into text labels (PNG)")
-    segment.add_argument("image")
-    segment.add_argument("--labels", required=True, help='comma-separated class names, e.g. "sky,tree,road"')
-    segment.add_argument("--out", default="segmentation.png")
-    segment.add_argument("--image-size", type=int, help="short side and window size (default: the model's)")
-    segment.add_argument("--stride", type=int, help="sliding-window stride (default: 3/4 of the window)")
-    add_model_arguments(segment)
-    segment.set_defaults(func=run_segment)
 
     convert = commands.add_parser("convert", help="write a model as tipstorch safetensors, transformers or official npz")
     convert.add_argument("--to", choices=["tipstorch", "transformers", "official"], required=True)

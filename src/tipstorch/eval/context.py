@@ -72,12 +72,14 @@ class EvalSettings:
 
 @dataclass
 class TaskResult:
-    """Headline metrics ``{"<task>/<metric>": value}``, raw outputs, the protocol actually used, seconds."""
+    """Headline metrics ``{"<task>/<metric>": value}``, raw outputs, the protocol actually used, seconds,
+    and the trained probe heads worth keeping (DPT decoders, by task name) for ``--save-probes``."""
 
     metrics: dict[str, float]
     details: dict[str, Any] = field(default_factory=dict)
     protocol: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    heads: dict[str, nn.Module] = field(default_factory=dict)
 
 
 class FrozenModel:

@@ -374,13 +374,16 @@ def dpt_depth_probe(
     bins: DepthBinsConfig | None = None,
     config: ProbeOptimConfig = DPT_RECIPE,
     progress: bool = False,
+    head: DPTDepthDecoder | None = None,
 ) -> dict:
     """DPT depth probe on 4 layers; depths float [N, H, W] in metres.
 
     Default readout = spatial CLS (the paper's dense-task choice), unlike the released heads.
+    ``head``: the decoder to train in place (to keep it, e.g. to save it); default a new one from
+    ``dpt`` and ``bins``.
     """
     bins = bins or DepthBinsConfig()
-    head = DPTDepthDecoder(dpt or DPTConfig(train[0].embed_dim, readout_index=1), bins)
+    head = head or DPTDepthDecoder(dpt or DPTConfig(train[0].embed_dim, readout_index=1), bins)
     return _depth_probe(head, train, test, bins, config, progress)
 
 
@@ -390,7 +393,9 @@ def dpt_normals_probe(
     dpt: DPTConfig | None = None,
     config: ProbeOptimConfig = DPT_RECIPE,
     progress: bool = False,
+    head: DPTNormalsDecoder | None = None,
 ) -> dict:
-    """DPT surface-normals probe; normals float [N, 3, H, W] (zero vectors = no ground truth)."""
-    head = DPTNormalsDecoder(dpt or DPTConfig(train[0].embed_dim, readout_index=1))
+    """DPT surface-normals probe; normals float [N, 3, H, W] (zero vectors = no ground truth).
+    ``head``: the decoder to train in place; default a new one from ``dpt``."""
+    head = head or DPTNormalsDecoder(dpt or DPTConfig(train[0].embed_dim, readout_index=1))
     return run_dense_probe(head, train, test, angular_loss, NormalsMetric(), lambda normals: normals, config, progress)

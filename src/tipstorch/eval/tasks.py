@@ -75,7 +75,7 @@ from tipstorch.eval.zeroshot import (
     segmentation_classifier,
     zero_shot_classification,
 )
-from tipstorch.models.dense import DPTConfig, dpt_layer_indices
+from tipstorch.models.dense import DPTConfig, DPTDepthDecoder, DPTNormalsDecoder, dpt_layer_indices
 
 CLASSIFICATION_IMAGE_SIZE = 224  # paper A.4.2: kNN and linear classification at 224x224
 WNID = re.compile(r"n\d{8}")
@@ -208,7 +208,8 @@ def _probe_protocol(ctx: EvalContext, recipe: ProbeOptimConfig) -> dict[str, Any
 def _dpt(ctx: EvalContext, train: ExtractedFeatures) -> DPTConfig:
     # readout = spatial CLS (index 1), the paper's choice for dense tasks; features[0]: [N, L, D, h, w]
     channels = {"channels": ctx.settings.dpt_channels} if ctx.settings.dpt_channels else {}
-    return DPTConfig(train.features[0].shape[2], readout_index=1, **channels)
+    layers = dpt_layer_indices(len(ctx.model.model.visual.blocks))  # the blocks ctx.model.intermediates reads
+    return DPTConfig(train.features[0].shape[2], readout_index=1, layer_indices=layers, **channels)
 
 
 def _dpt_protocol(ctx: EvalContext, recipe: ProbeOptimConfig, dpt: DPTConfig) -> dict[str, Any]:
@@ -243,8 +244,11 @@ def run_normals_dpt(ctx: EvalContext, key: str, root: Path | None) -> TaskResult
     train = _dense_features(ctx, key, "train", train_set, "dpt", "normals")
     test = _dense_features(ctx, key, "test", test_set, "dpt", "normals")
     recipe, dpt = ctx.probe_recipe(DPT_RECIPE, ctx.settings.dpt_lr), _dpt(ctx, train)
-    result = dpt_normals_probe(_intermediates(train), _intermediates(test), dpt, recipe, progress=ctx.settings.progress)
-    return TaskResult(headline("normals_dpt", result), _dense_details(result, train, test), _dpt_protocol(ctx, recipe, dpt))
+    head = DPTNormalsDecoder(dpt)
+    result = dpt_normals_probe(_intermediates(train), _intermediates(test), dpt, recipe, progress=ctx.settings.progress,
+                               head=head)
+    return TaskResult(headline("normals_dpt", result), _dense_details(result, train, test), _dpt_protocol(ctx, recipe, dpt),
+                      heads={"normals_dpt": head})
 
 
 def run_depth_dpt(ctx: EvalContext, key: str, root: Path | None) -> TaskResult:
@@ -252,9 +256,11 @@ def run_depth_dpt(ctx: EvalContext, key: str, root: Path | None) -> TaskResult:
     train = _dense_features(ctx, key, "train", train_set, "dpt", "depth")
     test = _dense_features(ctx, key, "test", test_set, "dpt", "depth")
     recipe, dpt = ctx.probe_recipe(DPT_RECIPE, ctx.settings.dpt_lr), _dpt(ctx, train)
+    head = DPTDepthDecoder(dpt, DEPTH_BINS[key])
     result = dpt_depth_probe(_intermediates(train), _intermediates(test), dpt, DEPTH_BINS[key], recipe,
-                             progress=ctx.settings.progress)
-    return TaskResult(headline("depth_dpt", result), _dense_details(result, train, test), _dpt_protocol(ctx, recipe, dpt))
+                             progress=ctx.settings.progress, head=head)
+    return TaskResult(headline("depth_dpt", result), _dense_details(result, train, test), _dpt_protocol(ctx, recipe, dpt),
+                      heads={"depth_dpt": head})
 
 
 Runner = Callable[[EvalContext, str, Path | None], TaskResult]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -117,13 +118,22 @@ class ReassembleBlocks(nn.Module):
 
 
 class DPTHead(nn.Module):
-    """Reassemble 4 layers, project each to ``channels``, fuse bottom-up.
+    """Reassemble 4 layers, project each to ``channels``, fuse bottom-up, 3x3 ``project`` conv
+    (followed by a ReLU only with ``output_activation``; see ``DPTConfig``).
 
     Output [B, channels, 16 * ceil(h / 2), 16 * ceil(w / 2)], i.e. 8h x 8w for even patch grids.
     """
 
-    def __init__(self, embed_dim: int, channels: int, post_process_channels: Sequence[int], readout_index: int) -> None:
+    def __init__(
+        self,
+        embed_dim: int,
+        channels: int,
+        post_process_channels: Sequence[int],
+        readout_index: int,
+        output_activation: bool = False,
+    ) -> None:
         super().__init__()
+        self.output_activation = output_activation
         self.reassemble = ReassembleBlocks(embed_dim, post_process_channels, readout_index)
         self.convs = nn.ModuleList([nn.Conv2d(ch, channels, 3, padding=1, bias=False) for ch in post_process_channels])
         self.fusion_blocks = nn.ModuleList([FeatureFusionBlock(channels, has_residual=i > 0) for i in range(4)])
@@ -134,16 +144,39 @@ class DPTHead(nn.Module):
         out = self.fusion_blocks[0](maps[3])
         for i in range(1, 4):
             out = self.fusion_blocks[i](out, maps[3 - i])
-        return self.project(out)
+        out = self.project(out)
+        return F.relu(out) if self.output_activation else out
 
 
 @dataclass
 class DPTConfig:
-    """DPT decoder shape. Defaults follow the official decoders.py / decoder notebook."""
+    """DPT decoder shape. Defaults follow the official decoders.py / decoder notebook.
+
+    ``output_activation``: a ReLU between the DPT ``project`` conv and the per-pixel head. The
+    released heads were trained without it: the official ``pytorch/decoders.py`` (google-deepmind/tips
+    at 4db271d) defaults ``output_activation=False`` (lines 168 and 202-205), and the commit that
+    introduced the flag (b9d4418, "Fix DPT decoder ... for Scenic parity") states that Scenic's
+    ``dpt_head_from_config`` sets it to False; the ReLU added in dad6e8f was removed for that reason.
+    transformers' ``Tipsv2DptConfig.depth_decoder_activation="relu"`` applies it to the depth head
+    (``Tipsv2DptDecoder.forward``); ``load_transformers_dpt`` follows the released weights unless asked
+    to reproduce transformers.
+    """
 
     embed_dim: int
     channels: int = 256
     readout_index: int = 0  # 0 = CLS1 (released heads); the paper's own probes use 1 = CLS2
+    output_activation: bool = False
+    layer_indices: tuple[int, ...] | None = None  # blocks read (0-based); None = dpt_layer_indices(depth)
+
+    def __post_init__(self) -> None:
+        if self.layer_indices is not None:
+            self.layer_indices = tuple(int(index) for index in self.layer_indices)
+            if len(self.layer_indices) != 4:
+                raise ValueError(f"a DPT reads 4 layers, got layer_indices={self.layer_indices}")
+
+    def layers_for(self, depth: int) -> list[int]:
+        """The 0-based block indices this DPT reads from a ViT with ``depth`` blocks."""
+        return list(self.layer_indices) if self.layer_indices is not None else dpt_layer_indices(depth)
 
     @property
     def post_process_channels(self) -> tuple[int, int, int, int]:
@@ -157,7 +190,10 @@ class DPTDecoder(nn.Module):
     def __init__(self, config: DPTConfig, out_channels: int) -> None:
         super().__init__()
         self.config = config
-        self.dpt = DPTHead(config.embed_dim, config.channels, config.post_process_channels, config.readout_index)
+        self.dpt = DPTHead(
+            config.embed_dim, config.channels, config.post_process_channels, config.readout_index,
+            config.output_activation,
+        )
         self.head = nn.Linear(config.channels, out_channels)
 
     def raw(self, features: Intermediates) -> torch.Tensor:
@@ -320,8 +356,9 @@ _FLAX_RULES: tuple[tuple[str, str, str], ...] = (
 )
 
 
-def _flax_to_torch(flax_name: str, value: np.ndarray) -> tuple[str, torch.Tensor]:
-    """Map one Flax parameter (name, array) to (torch state_dict name, tensor in torch layout)."""
+def _flax_to_torch(flax_name: str, value: np.ndarray) -> tuple[str, torch.Tensor] | None:
+    """Map one Flax parameter (name, array) to (torch state_dict name, tensor in torch layout);
+    None for an array that is not a DPT decoder parameter (optimizer state, other heads, ...)."""
     path = flax_name.removeprefix("decoder/").removeprefix("dpt/")
     for pattern, prefix, layout in _FLAX_RULES:
         match = re.fullmatch(pattern, path)
@@ -338,16 +375,30 @@ def _flax_to_torch(flax_name: str, value: np.ndarray) -> tuple[str, torch.Tensor
         else:  # Flax ConvTranspose correlates with the unflipped kernel: flip, then (in, out, kh, kw)
             array = value[::-1, ::-1].transpose(2, 3, 0, 1)
         return name, torch.from_numpy(np.ascontiguousarray(array))
-    raise KeyError(f"unrecognised Flax DPT parameter {flax_name!r}")
+    return None
 
 
-def load_scenic_dpt(decoder: DPTDecoder, path: str | Path) -> DPTDecoder:
-    """Load a released Scenic DPT head into ``decoder`` (in place) and return it.
+def load_checked_state(decoder: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load ``state`` into ``decoder``: every parameter present with its shape (buffers may be absent)."""
+    expected = decoder.state_dict()
+    buffers = {name for name, _ in decoder.named_buffers()}
+    missing = sorted(set(expected) - set(state) - buffers)
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise KeyError(f"{source}: DPT parameters missing {missing[:8]}, unexpected {unexpected[:8]}")
+    for name, tensor in state.items():
+        if tensor.shape != expected[name].shape:
+            raise ValueError(
+                f"{source}: {name} has shape {tuple(tensor.shape)}, decoder expects {tuple(expected[name].shape)} "
+                f"(wrong model size or task?)"
+            )
+    decoder.load_state_dict(state, strict=False)
 
-    ``path`` is the released ``tips_v2_<size>_<task>_dpt.zip`` (Flax parameters as ``.npy``
-    files named by their '/'-separated tree path, e.g. ``decoder/dpt/convs_0/kernel.npy``) or
-    an ``.npz`` with the same keys. Every decoder parameter must be present with the right shape.
-    """
+
+def read_scenic_dpt(path: str | Path) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """(decoder state_dict in torch layout, sorted names of the arrays that are not decoder parameters)
+    of a released Scenic DPT zip (Flax parameters as ``.npy`` files named by their '/'-separated tree
+    path, e.g. ``decoder/dpt/convs_0/kernel.npy``) or an ``.npz`` with the same keys."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"DPT checkpoint not found: {path}")
@@ -356,18 +407,55 @@ def load_scenic_dpt(decoder: DPTDecoder, path: str | Path) -> DPTDecoder:
             arrays = {key: archive[key] for key in archive.files}
     except (zipfile.BadZipFile, ValueError, OSError) as err:
         raise ValueError(f"{path} is not a zip/npz of .npy arrays: {err}") from err
-    state = dict(_flax_to_torch(key, value) for key, value in arrays.items())
-    expected = decoder.state_dict()
-    buffers = {name for name, _ in decoder.named_buffers()}
-    missing = sorted(set(expected) - set(state) - buffers)
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise KeyError(f"{path}: DPT parameters missing {missing[:8]}, unexpected {unexpected[:8]}")
-    for name, tensor in state.items():
-        if tensor.shape != expected[name].shape:
-            raise ValueError(
-                f"{path}: {name} has shape {tuple(tensor.shape)}, decoder expects {tuple(expected[name].shape)} "
-                f"(wrong model size or task?)"
-            )
-    decoder.load_state_dict(state, strict=False)
+    state, unused = {}, []
+    for key, value in arrays.items():
+        converted = _flax_to_torch(key, value)
+        if converted is None:
+            unused.append(key)
+        else:
+            state[converted[0]] = converted[1]
+    return state, sorted(unused)
+
+
+def load_scenic_dpt(decoder: DPTDecoder, path: str | Path) -> DPTDecoder:
+    """Load a released Scenic DPT head (see ``read_scenic_dpt``) into ``decoder`` in place; return it.
+
+    Every decoder parameter must be present with the right shape. Arrays the decoder does not use
+    are skipped, as the official ``load_decoder_weights`` skips them, and named in a warning.
+    """
+    state, unused = read_scenic_dpt(path)
+    load_checked_state(decoder, state, str(path))
+    if unused:
+        warnings.warn(f"{path}: ignored {len(unused)} array(s) the DPT decoder does not use: "
+                      f"{', '.join(unused[:8])}{' ...' if len(unused) > 8 else ''}", stacklevel=2)
     return decoder
+
+
+# --------------------------------------------------------------------------------------------
+# Decoders by task (the three released heads)
+# --------------------------------------------------------------------------------------------
+
+DENSE_TASKS: tuple[str, ...] = ("segmentation", "depth", "normals")
+ADE20K_NUM_CLASSES = 150  # the released segmentation heads (official notebook: ADE20K, 150 classes)
+
+
+def create_dpt_decoder(
+    task: str, config: DPTConfig, num_classes: int = ADE20K_NUM_CLASSES, bins: DepthBinsConfig | None = None
+) -> DPTDecoder:
+    """The DPT decoder of a task: "segmentation" (num_classes logits), "depth" (bins) or "normals"."""
+    if task == "segmentation":
+        return DPTSegmentationDecoder(config, num_classes)
+    if task == "depth":
+        return DPTDepthDecoder(config, bins)
+    if task == "normals":
+        return DPTNormalsDecoder(config)
+    raise ValueError(f"unknown dense task {task!r}; choose from {', '.join(DENSE_TASKS)}")
+
+
+def dense_task_of(decoder: nn.Module) -> str:
+    """The task name of a DPT decoder instance."""
+    for task, kind in (("segmentation", DPTSegmentationDecoder), ("depth", DPTDepthDecoder),
+                       ("normals", DPTNormalsDecoder)):
+        if isinstance(decoder, kind):
+            return task
+    raise TypeError(f"{type(decoder).__name__} is not a DPT task decoder")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from tipstorch.models.dense import DENSE_TASKS
 from tipstorch.models.text import TextConfig
 from tipstorch.models.tips import TIPSConfig
 from tipstorch.models.tokenizer import SCENES_TOKENIZER
@@ -119,3 +120,42 @@ def get_model_spec(name: str) -> ModelSpec:
         return _REGISTRY[name]
     except KeyError:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Released DPT heads (Scenic zips of Flax arrays; official notebook pytorch/TIPS_decoder_inference.ipynb)
+
+_DENSE_HEAD_STEMS: dict[str, str] = {
+    "tipsv2-b14": "tips_v2_b14",
+    "tipsv2-l14": "tips_v2_l14",
+    "tipsv2-so400m14": "tips_v2_so400m14",
+    "tipsv2-g14": "tips_v2_g14",
+}
+
+
+@dataclass(frozen=True)
+class DenseHeadSpec:
+    """A released DPT head: the model whose features it reads, its task and where its zip lives
+    (``size_bytes``, when known, is checked after download besides the server-announced size)."""
+
+    model_name: str
+    task: str
+    url: str
+    size_bytes: int | None = None
+
+
+def list_dense_heads() -> list[tuple[str, str]]:
+    """(model name, task) of every released DPT head."""
+    return [(name, task) for name in sorted(_DENSE_HEAD_STEMS) for task in DENSE_TASKS]
+
+
+def get_dense_head_spec(model_name: str, task: str) -> DenseHeadSpec:
+    if task not in DENSE_TASKS:
+        raise ValueError(f"unknown dense task {task!r}; choose from {', '.join(DENSE_TASKS)}")
+    stem = _DENSE_HEAD_STEMS.get(model_name)
+    if stem is None:
+        raise ValueError(
+            f"no released DPT heads for model {model_name!r}; released for: {', '.join(sorted(_DENSE_HEAD_STEMS))}"
+        )
+    url = f"{CHECKPOINT_BASE_URL}v2_0/checkpoints/scenic/{stem}_{task}_dpt.zip"
+    return DenseHeadSpec(model_name, task, url)
