@@ -166,7 +166,11 @@ class TextTransformer(nn.Module):
         return self.ln_final(tokens), valid
 
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
-        """Masked mean of the final token states: [B, L] -> [B, D]."""
-        states, valid = self.forward_tokens(token_ids)
+        """Masked mean of the final token states: [B, L] -> [B, D].
+
+        The columns after the last real token of every row are dropped first: they change nothing (padded
+        keys are masked, padded states are not pooled), so a batch costs what its longest text does."""
+        last_real = self.check_ids(token_ids).any(dim=0).nonzero().max()
+        states, valid = self.forward_tokens(token_ids[:, : int(last_real) + 1])
         weights = valid.unsqueeze(-1).to(states.dtype)
         return (states * weights).sum(dim=1) / (weights.sum(dim=1) + 1e-8)
