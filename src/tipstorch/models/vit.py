@@ -84,7 +84,11 @@ class ImageFeatures:
 
 
 class PatchEmbed(nn.Module):
-    """Non-overlapping 14x14 patches to tokens: [B, 3, H, W] -> [B, h*w, D]."""
+    """Non-overlapping 14x14 patches to tokens: [B, 3, H, W] -> [B, h*w, D].
+
+    ``proj`` is the convolution of the checkpoints (weight [D, 3, p, p]); since its stride is its kernel
+    size it is applied as one matmul over the flattened patches, the same values several times faster
+    than a convolution's forward and backward on a CPU."""
 
     def __init__(self, patch_size: int, embed_dim: int, in_chans: int = 3) -> None:
         super().__init__()
@@ -92,7 +96,11 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.proj(images).flatten(2).transpose(1, 2)
+        batch, channels, height, width = images.shape
+        size = self.patch_size
+        patches = images.reshape(batch, channels, height // size, size, width // size, size)
+        patches = patches.permute(0, 2, 4, 1, 3, 5).reshape(batch, -1, channels * size * size)
+        return F.linear(patches, self.proj.weight.flatten(1), self.proj.bias)
 
 
 class Attention(nn.Module):
