@@ -1,89 +1,101 @@
-"""Image-encoder throughput and peak memory: tipstorch vs transformers' Tipsv2Model, same weights.
+"""Image-encoder throughput: tipstorch vs transformers' Tipsv2VisionModel on the same weights, measured so
+that a shared, noisy machine can still compare them: interleaved rounds, medians, spread, same-run peak.
 
-    python benchmarks/inference.py [--model tipsv2-b14] [--sizes 224 448] [--batches 1 8] [--bf16]
+    python benchmarks/inference.py [--model tipsv2-b14] [--sizes 224 448] [--batch 8] [--rounds 5]
+        [--precisions fp32 bf16-autocast bf16-weights]
 
-Both implementations get identical random B/14 weights (tipstorch writes them in the transformers
-format). Each measurement runs in a fresh subprocess so that peak memory (growth of the peak RSS during
-the forward passes, over the RSS once the model is loaded) is not polluted by the other runs. Prints a markdown table with images/s, peak MB and
-the max abs difference of the outputs (all tokens after the final norm).
+Both implementations get identical random weights (tipstorch writes them in the transformers format) and
+live in this one process. Each round runs one forward of every row (implementation x precision x size)
+in turn and a square matmul in bf16 and fp32, so a burst of load from another process hits every row
+alike. ``bf16-autocast`` is what the CLI's ``--bf16`` does; ``bf16-weights`` casts the model to bfloat16
+(tipstorch only). Printed per row: median images/s, spread (slowest and fastest round over the median),
+fraction of the median matmul peak of the row's dtype (FLOPs counted with ``FlopCounterMode``: matmuls,
+convolutions and attention), the ratio to transformers at the same precision and size, and the max abs
+difference of the outputs (all tokens after the final norm) from transformers' fp32 output.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
+import contextlib
+import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+PRECISIONS = ("fp32", "bf16-autocast", "bf16-weights")
 
 
-def status_mb(field: str) -> float:
-    """A memory figure of this process from /proc/self/status (VmRSS, VmHWM), in MB."""
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise KeyError(field)
-
-
-def reset_peak_rss() -> None:
-    """Start a new peak-RSS window (Linux: writing 5 to clear_refs resets VmHWM)."""
-    with open("/proc/self/clear_refs", "w") as handle:
-        handle.write("5")
-
-
-def worker(implementation: str, weights: str, size: int, batch: int, bf16: bool, repeats: int) -> dict:
-    torch.manual_seed(0)
-    images = torch.rand(batch, 3, size, size)
-    if implementation == "tipstorch":
-        import tipstorch
-
-        model = tipstorch.load_model(weights)
-
-        def run():
-            features = model.encode_image(images)
-            return torch.cat([features.global_cls[:, None], features.spatial_cls[:, None], features.flat], 1)
-    else:
-        import transformers
-
-        model = transformers.Tipsv2VisionModel.from_pretrained(weights).eval()
-
-        def run():
-            return model(pixel_values=images).last_hidden_state
-
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        reset_peak_rss()
-        baseline = status_mb("VmRSS")
-        output = run()  # warm-up
+def matmul_seconds(dtype: torch.dtype, size: int = 1024) -> tuple[float, float]:
+    """(seconds, FLOPs) of a [size, size] @ [size, size] matmul in ``dtype``: the best of 3 after a warm-up
+    (one round's peak; the rounds' median is the figure)."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(3):
         start = time.perf_counter()
-        for _ in range(repeats):
-            output = run()
-        elapsed = time.perf_counter() - start
-    return {
-        "images_per_s": batch * repeats / elapsed,
-        "peak_mb": status_mb("VmHWM") - baseline,
-        "output": output.float().flatten()[:: max(1, output.numel() // 200_000)].tolist(),
-    }
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return best, 2 * size**3
 
 
-def measure(implementation: str, weights: Path, size: int, batch: int, bf16: bool, repeats: int) -> dict:
-    command = [sys.executable, __file__, "--worker", implementation, str(weights), str(size), str(batch),
-               str(int(bf16)), str(repeats)]
-    result = subprocess.run(command, capture_output=True, text=True, check=True)
-    return json.loads(result.stdout.strip().splitlines()[-1])
+def encoders(weights_dir: Path) -> dict[str, Callable[[torch.dtype], Callable]]:
+    """Implementation name -> (dtype -> forward of images [B, 3, H, W] -> tokens [B, 2 + N, D])."""
+    import transformers
+
+    import tipstorch
+
+    def ours(dtype: torch.dtype) -> Callable:
+        model = tipstorch.load_model(weights_dir / "model.safetensors").to(dtype).eval()
+
+        def run(images: torch.Tensor) -> torch.Tensor:
+            features = model.encode_image(images.to(dtype))
+            return torch.cat([features.global_cls[:, None], features.spatial_cls[:, None], features.flat], 1)
+
+        return run
+
+    def theirs(dtype: torch.dtype) -> Callable:
+        model = transformers.Tipsv2VisionModel.from_pretrained(weights_dir / "hf").to(dtype).eval()
+        return lambda images: model(pixel_values=images.to(dtype)).last_hidden_state
+
+    return {"tipstorch": ours, "transformers": theirs}
+
+
+class Row:
+    def __init__(self, implementation: str, precision: str, size: int, batch: int, build: Callable) -> None:
+        self.implementation, self.precision, self.size, self.batch = implementation, precision, size, batch
+        self.forward = build(torch.bfloat16 if precision == "bf16-weights" else torch.float32)
+        self.images = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+        self.dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+        with FlopCounterMode(display=False) as counter:
+            self.output = self.run().float()  # also the warm-up
+        self.flops = counter.get_total_flops()
+        self.seconds: list[float] = []
+
+    def run(self) -> torch.Tensor:
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if self.precision == "bf16-autocast" else None
+        with torch.inference_mode(), autocast or contextlib.nullcontext():
+            return self.forward(self.images)
+
+    def time_forward(self) -> None:
+        start = time.perf_counter()
+        self.run()
+        self.seconds.append(time.perf_counter() - start)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="tipsv2-b14")
     parser.add_argument("--sizes", type=int, nargs="+", default=[224, 448])
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--bf16", action="store_true", help="also measure with bf16 autocast")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=PRECISIONS)
     args = parser.parse_args()
 
     import tipstorch
@@ -91,26 +103,50 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as directory:
         model = tipstorch.create_model(args.model)
-        ours_path = tipstorch.save_model(model, Path(directory) / "model.safetensors")
-        hf_path = save_transformers(model, Path(directory) / "hf")
+        tipstorch.save_model(model, Path(directory) / "model.safetensors")
+        save_transformers(model, Path(directory) / "hf")
         del model
-        print(f"{args.model}, random weights, {torch.get_num_threads()} threads\n")
-        print("| precision | size | batch | tipstorch img/s | transformers img/s | speed-up | tipstorch peak MB | transformers peak MB | max abs diff |")
-        print("|---|---|---|---|---|---|---|---|---|")
-        for bf16 in [False, True] if args.bf16 else [False]:
-            for size in args.sizes:
-                for batch in args.batches:
-                    ours = measure("tipstorch", ours_path, size, batch, bf16, args.repeats)
-                    theirs = measure("transformers", hf_path, size, batch, bf16, args.repeats)
-                    diff = max(abs(a - b) for a, b in zip(ours["output"], theirs["output"], strict=True))
-                    print(f"| {'bf16' if bf16 else 'fp32'} | {size} | {batch} | {ours['images_per_s']:.2f} | "
-                          f"{theirs['images_per_s']:.2f} | {ours['images_per_s'] / theirs['images_per_s']:.2f}x | "
-                          f"{ours['peak_mb']:.0f} | {theirs['peak_mb']:.0f} | {diff:.2e} |", flush=True)
+        builders = encoders(Path(directory))
+        rows = [
+            Row(implementation, precision, size, args.batch, build)
+            for size in args.sizes
+            for precision in args.precisions
+            for implementation, build in builders.items()
+            if not (implementation == "transformers" and precision == "bf16-weights")
+        ]
+    peaks: dict[torch.dtype, list[float]] = {torch.bfloat16: [], torch.float32: []}
+    for _ in range(args.rounds):
+        for row in rows:
+            row.time_forward()
+        for dtype, rates in peaks.items():
+            seconds, flops = matmul_seconds(dtype)
+            rates.append(flops / seconds)
+    peak = {dtype: statistics.median(rates) for dtype, rates in peaks.items()}
+    print(
+        f"{args.model}, random weights, batch {args.batch}, {torch.get_num_threads()} threads, {args.rounds} "
+        f"interleaved rounds; matmul peak (median): bf16 {peak[torch.bfloat16] / 1e9:.0f} GFLOP/s, "
+        f"fp32 {peak[torch.float32] / 1e9:.0f} GFLOP/s\n"
+    )
+    print("| size | precision | implementation | img/s | spread | of peak | vs transformers | max abs diff |")
+    print("|---:|---|---|---:|---|---:|---:|---:|")
+    reference = {(row.size, row.precision): row for row in rows if row.implementation == "transformers"}
+    exact = {
+        row.size: row.output
+        for row in rows
+        if row.implementation == "transformers" and row.precision == "fp32"
+    }
+    for row in rows:
+        seconds = statistics.median(row.seconds)
+        fraction = row.flops / seconds / peak[row.dtype]
+        theirs = reference.get((row.size, row.precision)) or reference.get((row.size, "bf16-autocast"))
+        ratio = statistics.median(theirs.seconds) / seconds if theirs is not None else float("nan")
+        diff = (row.output - exact[row.size]).abs().max().item() if row.size in exact else float("nan")
+        print(
+            f"| {row.size} | {row.precision} | {row.implementation} | {row.batch / seconds:.2f} | "
+            f"{min(row.seconds) / seconds:.2f}-{max(row.seconds) / seconds:.2f} | {100 * fraction:.0f}% | "
+            f"{ratio:.2f}x | {diff:.2e} |"
+        )
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        implementation, weights, size, batch, bf16, repeats = sys.argv[2:8]
-        print(json.dumps(worker(implementation, weights, int(size), int(batch), bool(int(bf16)), int(repeats))))
-    else:
-        main()
+    main()

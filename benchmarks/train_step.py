@@ -1,15 +1,20 @@
-"""Training-step throughput and model FLOP utilisation (MFU) of the TIPS recipe on this machine.
+"""Training-step throughput and model FLOP utilisation (MFU), measured so that a shared, noisy machine can
+still compare variants: interleaved rounds, medians, the spread and the matmul peak of the same rounds.
 
-    python benchmarks/train_step.py [--models s14 b14] [--dtypes bf16 fp32] [--batch 4] [--steps 2] [--json out.json]
+    python benchmarks/train_step.py [--configs tiny_cpu tips_s14 tips_b14] [--batches 8 32] [--rounds 5]
+        [--variants "model.fused_attention=true" "" "loop.bf16=false"] [--threads 1] [--json out.json]
 
-For each model (the paper recipe ``tips_<model>.yaml``: full EMA teacher, 32k prototypes, one 224 px
-global crop + 6 local crops at 98 px, masked and unmasked passes, two captions of 64 tokens) it times
-``Trainer.train_step`` on synthetic batches (data loading excluded: see benchmarks/scenes.py) and
-prints a markdown table: images/s, seconds per step, model FLOPs per step, achieved FLOP/s and MFU =
-achieved / peak. The peak is measured here, right after each row's steps (so under the same machine
-load): a large square matmul in the same dtype (bf16 under autocast, fp32 otherwise). FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` on one
-step (matmuls, convolutions and attention, forward and backward; the optimiser's element-wise work is not
-counted), CPU flash attention being added to its table with torch's own sdpa formulas.
+Every (config, batch, variant) gets its own ``Trainer`` on one synthetic batch shaped as its recipe
+(data loading excluded: see benchmarks/scenes.py); a variant is a comma-separated list of config
+overrides ("" = the config as shipped). Each round times one ``Trainer.train_step`` of every row in turn
+and a square matmul in bf16 and fp32 (the peak under the load of that round), so a burst of load from
+another process hits every row alike. Printed per row: median images/s, the spread (slowest and
+fastest round over the median), the ratio to the first variant of its (config, batch), CPU seconds per
+step (this process only: with one thread it hardly depends on the other processes' load), GFLOP per step
+and MFU = achieved FLOP/s / median peak of the step's dtype. FLOPs are counted with
+``torch.utils.flop_counter.FlopCounterMode`` on the warm-up step (matmuls, convolutions and attention,
+forward and backward; element-wise work and the optimiser are not counted), CPU flash attention being
+added to its table with torch's own sdpa formulas.
 Run from the repository root with the package installed (``pip install -e .``) or ``PYTHONPATH=src``.
 """
 
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
 
@@ -33,79 +39,132 @@ ATTENTION_FLOPS = {
     ),
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: (
         lambda grad_out, query, key, value, *args, out_shape=None, **kwargs: sdpa_backward_flop_count(
-            grad_out, query, key, value)
+            grad_out, query, key, value
+        )
     ),
 }
 
 
-def matmul_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 8) -> float:
-    """FLOP/s of a [size, size] @ [size, size] matmul in ``dtype`` (best of ``repeats``)."""
+def matmul_seconds(dtype: torch.dtype, size: int = 1024) -> tuple[float, float]:
+    """(seconds, FLOPs) of a [size, size] @ [size, size] matmul in ``dtype``: the best of 3 after a warm-up
+    (one round's peak; the rounds' median is the figure)."""
     a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    a @ b  # warm-up
+    a @ b
     best = float("inf")
-    for _ in range(repeats):
+    for _ in range(3):
         start = time.perf_counter()
         a @ b
         best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
+    return best, 2 * size**3
 
 
 def synthetic_batch(trainer: Trainer, batch: int) -> dict[str, torch.Tensor]:
-    """Random tensors shaped as the recipe's batch (captions of 64 random non-pad tokens)."""
+    """Random tensors shaped as the recipe's batch (captions of the text tower's length, random non-pad ids)."""
     data, generator = trainer.cfg.data, torch.Generator().manual_seed(0)
     patches = (data.global_size // 14) ** 2
-    vocab = trainer.model.config.text.vocab_size
+    text = trainer.model.config.text
     return {
         "global_crop": torch.rand(batch, 3, data.global_size, data.global_size, generator=generator),
-        "local_crops": torch.rand(batch, data.num_local_crops, 3, data.local_size, data.local_size, generator=generator),
-        "patch_mask": torch.rand(batch, patches, generator=generator).argsort(1) < round(data.mask_ratio * patches),
-        "alt_tokens": torch.randint(1, vocab, (batch, 64), generator=generator),
-        "synthetic_tokens": torch.randint(1, vocab, (batch, 64), generator=generator),
+        "local_crops": torch.rand(
+            batch, data.num_local_crops, 3, data.local_size, data.local_size, generator=generator
+        ),
+        "patch_mask": torch.rand(batch, patches, generator=generator).argsort(1)
+        < round(data.mask_ratio * patches),
+        "alt_tokens": torch.randint(1, text.vocab_size, (batch, text.context_length), generator=generator),
+        "synthetic_tokens": torch.randint(
+            1, text.vocab_size, (batch, text.context_length), generator=generator
+        ),
     }
 
 
-def measure(model: str, dtype: str, batch: int, steps: int) -> dict:
-    cfg = load_config(resolve_config(f"tips_{model}"), [f"loop.batch_size={batch}", f"loop.bf16={dtype == 'bf16'}",
-                                                       "loop.steps=1000", "model.grad_checkpointing=false"])
-    with tempfile.TemporaryDirectory() as out_dir:
-        trainer = Trainer(cfg, get_tokenizer, out_dir=out_dir)
-        inputs = synthetic_batch(trainer, batch)
+class Row:
+    """One (config, batch, variant): its trainer, batch, FLOPs per step and the timings of every round."""
+
+    def __init__(self, config: str, batch: int, variant: str, out_dir: str) -> None:
+        self.config, self.batch, self.variant = config, batch, variant
+        overrides = [f"loop.batch_size={batch}", "loop.steps=1000", "eval.quick=false", "loop.threads=0"]
+        overrides += [item for item in variant.split(",") if item]
+        cfg = load_config(resolve_config(config), overrides)
+        self.bf16 = cfg.loop.bf16
+        self.trainer = Trainer(cfg, get_tokenizer, out_dir=out_dir)
+        self.inputs = synthetic_batch(self.trainer, batch)
         with FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOPS) as counter:
-            trainer.train_step(inputs)  # also the warm-up
-        flops = counter.get_total_flops()
-        start = time.perf_counter()
-        for _ in range(steps):
-            trainer.train_step(inputs)
-        seconds = (time.perf_counter() - start) / steps
-    peak = matmul_peak(torch.bfloat16 if dtype == "bf16" else torch.float32)  # under the same load as the step
-    achieved = flops / seconds
-    return {
-        "model": model, "dtype": dtype, "batch": batch, "images_per_s": batch / seconds, "seconds_per_step": seconds,
-        "gflop_per_step": flops / 1e9, "achieved_gflop_s": achieved / 1e9, "peak_gflop_s": peak / 1e9,
-        "mfu": achieved / peak,
-    }
+            self.trainer.train_step(self.inputs)  # also the warm-up
+        self.flops = counter.get_total_flops()
+        self.wall: list[float] = []
+        self.cpu: list[float] = []
+
+    def time_step(self) -> None:
+        cpu, wall = time.process_time(), time.perf_counter()
+        self.trainer.train_step(self.inputs)
+        self.wall.append(time.perf_counter() - wall)
+        self.cpu.append(time.process_time() - cpu)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=["s14", "b14"], choices=["s14", "b14", "l14"])
-    parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp32"])
-    parser.add_argument("--batch", type=int, default=4, help="images per step")
-    parser.add_argument("--steps", type=int, default=2, help="timed steps (after one counted warm-up step)")
+    parser.add_argument("--configs", nargs="+", default=["tiny_cpu"], help="config names or yaml paths")
+    parser.add_argument("--batches", nargs="+", type=int, default=[32])
+    parser.add_argument(
+        "--variants", nargs="+", default=[""], help='comma-separated overrides per variant ("" = as shipped)'
+    )
+    parser.add_argument("--rounds", type=int, default=5, help="timed steps per row, interleaved")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (the loop.threads of every row)"
+    )
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args()
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    rows = [measure(model, dtype, args.batch, args.steps) for model in args.models for dtype in args.dtypes]
-    print("\n| model | dtype | batch | images/s | s/step | GFLOP/step | achieved GFLOP/s | peak GFLOP/s | MFU |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as out_dir:
+        rows = [
+            Row(config, batch, variant, out_dir)
+            for config in args.configs
+            for batch in args.batches
+            for variant in args.variants
+        ]
+        peaks: dict[torch.dtype, list[float]] = {torch.bfloat16: [], torch.float32: []}
+        for _ in range(args.rounds):
+            for row in rows:
+                row.time_step()
+            for dtype, rates in peaks.items():
+                seconds, flops = matmul_seconds(dtype)
+                rates.append(flops / seconds)
+    peak = {dtype: statistics.median(rates) for dtype, rates in peaks.items()}
+    spread = {dtype: (min(rates) / peak[dtype], max(rates) / peak[dtype]) for dtype, rates in peaks.items()}
+    print(
+        f"torch {torch.__version__}, {args.threads} thread(s), {args.rounds} interleaved rounds; matmul peak "
+        f"(median, spread): bf16 {peak[torch.bfloat16] / 1e9:.0f} GFLOP/s ({spread[torch.bfloat16][0]:.2f}-"
+        f"{spread[torch.bfloat16][1]:.2f}), fp32 {peak[torch.float32] / 1e9:.0f} GFLOP/s "
+        f"({spread[torch.float32][0]:.2f}-{spread[torch.float32][1]:.2f})\n"
+    )
+    print("| config | batch | variant | images/s | spread | vs first | CPU s/step | GFLOP/step | MFU |")
+    print("|---|---:|---|---:|---|---:|---:|---:|---:|")
+    results, first = [], {}
     for row in rows:
-        print(f"| {row['model']} | {row['dtype']} | {row['batch']} | {row['images_per_s']:.2f} | "
-              f"{row['seconds_per_step']:.2f} | {row['gflop_per_step']:.0f} | {row['achieved_gflop_s']:.0f} | "
-              f"{row['peak_gflop_s']:.0f} | {100 * row['mfu']:.1f}% |")
+        seconds = statistics.median(row.wall)
+        reference = first.setdefault((row.config, row.batch), seconds)
+        mfu = row.flops / seconds / peak[torch.bfloat16 if row.bf16 else torch.float32]
+        result = {
+            "config": row.config,
+            "batch": row.batch,
+            "variant": row.variant or "as shipped",
+            "images_per_s": row.batch / seconds,
+            "spread": [min(row.wall) / seconds, max(row.wall) / seconds],
+            "speedup_vs_first": reference / seconds,
+            "cpu_s_per_step": statistics.median(row.cpu),
+            "gflop_per_step": row.flops / 1e9,
+            "mfu": mfu,
+        }
+        results.append(result)
+        print(
+            f"| {row.config} | {row.batch} | {result['variant']} | {result['images_per_s']:.2f} | "
+            f"{result['spread'][0]:.2f}-{result['spread'][1]:.2f} | {result['speedup_vs_first']:.2f}x | "
+            f"{result['cpu_s_per_step']:.2f} | {result['gflop_per_step']:.0f} | {100 * mfu:.1f}% |"
+        )
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump(rows, handle, indent=2)
+            json.dump(results, handle, indent=2)
 
 
 if __name__ == "__main__":

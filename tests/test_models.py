@@ -168,3 +168,28 @@ def test_low_precision_weights_run_and_stay_close(model, dtype):
     assert features.patch_tokens.dtype == text.dtype == dtype
     assert F.cosine_similarity(features.flat.float(), reference.flat, dim=-1).min() > 0.99
     assert F.cosine_similarity(text.float(), reference_text, dim=-1).min() > 0.99
+
+
+def test_text_tower_runs_on_the_longest_caption_only_and_padding_changes_nothing():
+    from tipstorch.models.text import TextConfig, TextTransformer
+
+    torch.manual_seed(0)
+    text = TextTransformer(TextConfig(width=32, depth=2, num_heads=2, mlp_dim=64, vocab_size=50, context_length=16))
+    short = torch.tensor([[3, 4, 5, 0], [7, 8, 0, 0]])
+    padded = torch.cat([short, torch.zeros(2, 12, dtype=torch.long)], dim=1)  # [2, 16]: 13 all-pad columns
+    lengths = []
+    hook = text.token_embedding.register_forward_hook(lambda module, args, out: lengths.append(args[0].shape[1]))
+    embeddings = text(padded)
+    hook.remove()
+    assert lengths == [3]  # the columns after the longest caption's last token are not computed
+    torch.testing.assert_close(embeddings, text(short), rtol=1e-5, atol=1e-6)
+
+
+def test_patch_embedding_equals_the_stride_14_convolution_of_its_weights():
+    from tipstorch.models.vit import PatchEmbed
+
+    torch.manual_seed(0)
+    embed = PatchEmbed(14, 16)
+    images = torch.rand(2, 3, 28, 42)
+    expected = F.conv2d(images, embed.proj.weight, embed.proj.bias, stride=14).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(embed(images), expected, rtol=1e-5, atol=1e-5)

@@ -12,6 +12,7 @@ from tipstorch.train.losses import (
     IBOTPatchLoss,
     KoLeoLoss,
     ScoreCentering,
+    _cross_entropy,
 )
 from tipstorch.train.outputs import ContrastiveEmbeddings, StudentOutputs, TeacherScores
 
@@ -97,6 +98,44 @@ def test_centre_is_a_state_dict_buffer():
     restored = DINOLoss(num_prototypes=3, student_temp=0.1, center_momentum=0.9)
     restored.load_state_dict(loss.state_dict())
     assert restored.centering.center.tolist() == [0.25, 0.25, 0.25]
+
+
+# ------------------------------------------------------------------------------------------ soft cross-entropy
+
+
+def _log_softmax_cross_entropy(teacher_probs, student_scores, student_temp):
+    """The textbook form the fused one replaces."""
+    return -(teacher_probs * torch.log_softmax(student_scores / student_temp, dim=-1)).sum(dim=-1)
+
+
+@pytest.mark.parametrize("target_shape", [(3, 5, 64), (3, 1, 64)], ids=["same shape", "broadcast (DINO)"])
+def test_soft_cross_entropy_value_and_gradient_match_the_log_softmax_form(target_shape):
+    generator = torch.Generator().manual_seed(0)
+    scores = (torch.rand(3, 5, 64, generator=generator) * 2 - 1).requires_grad_(True)  # cosines
+    targets = torch.softmax(torch.randn(target_shape, generator=generator) / 0.04, dim=-1)
+    upstream = torch.rand(3, 5, generator=generator)
+    fused = _cross_entropy(targets, scores, 0.1)
+    (fused * upstream).sum().backward()
+    fused_grad, scores.grad = scores.grad, None
+    reference = _log_softmax_cross_entropy(targets, scores, 0.1)
+    (reference * upstream).sum().backward()
+    assert fused.shape == (3, 5)
+    torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-5 * reference.abs().max().item())
+    torch.testing.assert_close(fused_grad, scores.grad, rtol=1e-4, atol=1e-6 * scores.grad.abs().max().item())
+
+
+def test_soft_cross_entropy_gradient_passes_gradcheck_in_float64():
+    generator = torch.Generator().manual_seed(1)
+    scores = torch.randn(2, 3, 7, dtype=torch.float64, generator=generator).requires_grad_(True)
+    targets = torch.softmax(torch.randn(2, 3, 7, dtype=torch.float64, generator=generator), dim=-1)
+    # the forward computes in float32, so compare the analytic gradient with float32-scale finite differences
+    assert torch.autograd.gradcheck(lambda s: _cross_entropy(targets, s, 0.5).double(), (scores,), eps=1e-3,
+                                    atol=1e-3, rtol=1e-3)
+
+
+def test_soft_cross_entropy_refuses_targets_that_require_grad():
+    with pytest.raises(ValueError, match="targets must not require grad"):
+        _cross_entropy(torch.rand(2, 4, requires_grad=True), torch.rand(2, 4), 0.1)
 
 
 # ------------------------------------------------------------------------------------------ DINO

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from tipstorch.models.attention import attention
+
 PAD_ID = 0
 
 
@@ -60,6 +62,7 @@ class MaskedSelfAttention(nn.Module):
         self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
         self.out_proj = nn.Linear(dim, dim)
+        self.fused_attn = True  # F.scaled_dot_product_attention, else written out (models/attention.py)
         nn.init.xavier_uniform_(self.in_proj_weight)
 
     def forward(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -69,7 +72,7 @@ class MaskedSelfAttention(nn.Module):
         qkv = qkv.reshape(batch, length, 3, self.num_heads, dim // self.num_heads)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         key_mask = valid[:, None, None, :]
-        attended = F.scaled_dot_product_attention(query, key, value, attn_mask=key_mask)
+        attended = attention(query, key, value, key_mask, fused=self.fused_attn)
         return self.out_proj(attended.transpose(1, 2).flatten(2))
 
 
@@ -82,8 +85,9 @@ class MaskedMlp(nn.Module):
         self.c_proj = nn.Linear(hidden_dim, dim)
 
     def forward(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        keep = valid.unsqueeze(-1).to(tokens.dtype)
-        hidden = F.relu(self.c_fc(tokens)) * keep
+        hidden = F.relu(self.c_fc(tokens))
+        keep = valid.unsqueeze(-1).to(hidden.dtype)  # the activations' dtype: 0 / 1 is exact in any, no cast
+        hidden = hidden * keep
         return self.c_proj(hidden) * keep
 
 
@@ -129,6 +133,11 @@ class TextTransformer(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
 
+    def set_fused_attention(self, enable: bool = True) -> None:
+        """Fused or written-out attention in every block (``models/attention.py``)."""
+        for block in self.transformer.resblocks:
+            block.attn.fused_attn = enable
+
     def check_ids(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Validate ids [B, L] and return the bool mask of real tokens [B, L]."""
         if token_ids.ndim != 2 or token_ids.dtype not in (torch.int64, torch.int32):
@@ -157,7 +166,11 @@ class TextTransformer(nn.Module):
         return self.ln_final(tokens), valid
 
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
-        """Masked mean of the final token states: [B, L] -> [B, D]."""
-        states, valid = self.forward_tokens(token_ids)
+        """Masked mean of the final token states: [B, L] -> [B, D].
+
+        The columns after the last real token of every row are dropped first: they change nothing (padded
+        keys are masked, padded states are not pooled), so a batch costs what its longest text does."""
+        last_real = self.check_ids(token_ids).any(dim=0).nonzero().max()
+        states, valid = self.forward_tokens(token_ids[:, : int(last_real) + 1])
         weights = valid.unsqueeze(-1).to(states.dtype)
         return (states * weights).sum(dim=1) / (weights.sum(dim=1) + 1e-8)

@@ -9,7 +9,7 @@ The token sequence is ``[CLS1 + pos[0], CLS2, patch_1 + pos[1], ..., patch_N + p
 
 Parameter names follow the official PyTorch release (``google-deepmind/tips``, ``pytorch/image_encoder.py``)
 so that official checkpoints load without renaming. Attention runs through
-``F.scaled_dot_product_attention``.
+``F.scaled_dot_product_attention`` (or its written-out form, ``set_fused_attention(False)``).
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from tipstorch.models.attention import attention
 
 NUM_PREFIX_TOKENS = 2  # CLS1 (global) and CLS2 (spatial)
 
@@ -82,7 +84,11 @@ class ImageFeatures:
 
 
 class PatchEmbed(nn.Module):
-    """Non-overlapping 14x14 patches to tokens: [B, 3, H, W] -> [B, h*w, D]."""
+    """Non-overlapping 14x14 patches to tokens: [B, 3, H, W] -> [B, h*w, D].
+
+    ``proj`` is the convolution of the checkpoints (weight [D, 3, p, p]); since its stride is its kernel
+    size it is applied as one matmul over the flattened patches, the same values several times faster
+    than a convolution's forward and backward on a CPU."""
 
     def __init__(self, patch_size: int, embed_dim: int, in_chans: int = 3) -> None:
         super().__init__()
@@ -90,7 +96,11 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.proj(images).flatten(2).transpose(1, 2)
+        batch, channels, height, width = images.shape
+        size = self.patch_size
+        patches = images.reshape(batch, channels, height // size, size, width // size, size)
+        patches = patches.permute(0, 2, 4, 1, 3, 5).reshape(batch, -1, channels * size * size)
+        return F.linear(patches, self.proj.weight.flatten(1), self.proj.bias)
 
 
 class Attention(nn.Module):
@@ -101,6 +111,7 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
+        self.fused_attn = True  # F.scaled_dot_product_attention, else written out (models/attention.py)
 
     def split_heads(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries, keys and values, each [B, heads, N, D/heads]."""
@@ -111,7 +122,7 @@ class Attention(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         query, key, value = self.split_heads(tokens)
-        attended = F.scaled_dot_product_attention(query, key, value)
+        attended = attention(query, key, value, fused=self.fused_attn)
         return self.proj(attended.transpose(1, 2).flatten(2))
 
 
@@ -237,6 +248,12 @@ class VisionTransformer(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute block activations in the backward pass to save memory (timm naming)."""
         self.grad_checkpointing = enable
+
+    def set_fused_attention(self, enable: bool = True) -> None:
+        """Fused (``F.scaled_dot_product_attention``) or written-out attention in every block
+        (``models/attention.py``; the same values, a speed choice)."""
+        for block in self.blocks:
+            block.attn.fused_attn = enable
 
     def grid_size(self, images: torch.Tensor) -> tuple[int, int]:
         """The patch grid (h, w) of images [B, 3, H, W]; raises if H or W is not a multiple of 14."""

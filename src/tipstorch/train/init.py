@@ -166,9 +166,11 @@ def build_model(cfg: ModelCfg) -> tuple[TIPSModel, StartingPoint | None]:
 
 
 def trainable(model: TIPSModel, cfg: ModelCfg) -> TIPSModel:
-    """The model in train mode, with activation checkpointing as ``model.grad_checkpointing`` says."""
-    model.visual.set_grad_checkpointing(cfg.grad_checkpointing)
-    model.text.set_grad_checkpointing(cfg.grad_checkpointing)
+    """The model in train mode, with activation checkpointing and fused attention as ``model.grad_checkpointing``
+    and ``model.fused_attention`` say."""
+    for tower in (model.visual, model.text):
+        tower.set_grad_checkpointing(cfg.grad_checkpointing)
+        tower.set_fused_attention(cfg.fused_attention)
     return model.train()
 
 

@@ -128,9 +128,35 @@ class ScoreCentering(nn.Module):
         return F.softmax((teacher_scores.float() - self.center) / teacher_temp, dim=-1)
 
 
+class _SoftCrossEntropy(torch.autograd.Function):
+    """-sum_k t_k log softmax(s / tau)_k = logsumexp(s / tau) - sum_k t_k s_k / tau (the targets sum to 1),
+    with the gradient (softmax(s / tau) - t) / tau written out: one float32 [..., K] tensor is kept for the
+    backward instead of the several that autograd keeps and makes for the log-softmax form."""
+
+    @staticmethod
+    def forward(ctx, student_scores: torch.Tensor, teacher_probs: torch.Tensor, student_temp: float) -> torch.Tensor:
+        with torch.autocast(student_scores.device.type, enabled=False):
+            logits = student_scores.float() / student_temp
+            log_normaliser = logits.logsumexp(dim=-1)
+            loss = log_normaliser - (teacher_probs * logits).sum(dim=-1)
+        ctx.save_for_backward(logits, log_normaliser, teacher_probs)
+        ctx.student_temp, ctx.scores_dtype = student_temp, student_scores.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        logits, log_normaliser, teacher_probs = ctx.saved_tensors
+        grad = (logits - log_normaliser.unsqueeze(-1)).exp_().sub_(teacher_probs)
+        grad.mul_(grad_loss.unsqueeze(-1) / ctx.student_temp)
+        return grad.to(ctx.scores_dtype), None, None
+
+
 def _cross_entropy(teacher_probs: torch.Tensor, student_scores: torch.Tensor, student_temp: float) -> torch.Tensor:
-    """-sum_k t_k log softmax(s / student_temp)_k over the last axis: [..., K] x [..., K] -> [...]."""
-    return -(teacher_probs * F.log_softmax(student_scores.float() / student_temp, dim=-1)).sum(dim=-1)
+    """-sum_k t_k log softmax(s / student_temp)_k over the last axis: [..., K] x [..., K] -> [...] (the
+    targets broadcast against the scores and, as constants, get no gradient)."""
+    if teacher_probs.requires_grad:
+        raise ValueError("self-distillation targets must not require grad (compute them under torch.no_grad)")
+    return _SoftCrossEntropy.apply(student_scores, teacher_probs, student_temp)
 
 
 class _SelfDistillationLoss(nn.Module):

@@ -18,7 +18,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import torch
 from torch import nn
 
 from tipstorch.models.heads import ProjectionHead
@@ -82,13 +81,14 @@ class TIPSStudent(nn.Module):
         self, image: ImageFeatures | None, micro_batch: Mapping[str, Any]
     ) -> ContrastiveEmbeddings:
         """The pairs of the enabled contrastive terms: the image's CLS tokens and the encoded captions
-        (``alt_tokens`` / ``synthetic_tokens`` [b, L], one text pass over both)."""
+        (``alt_tokens`` / ``synthetic_tokens`` [b, L], one text pass each: the text tower cuts each batch
+        to its longest caption, and alt-texts are much shorter than synthetic captions)."""
         captions = ([micro_batch["alt_tokens"]] if self.clip_global else []) + (
             [micro_batch["synthetic_tokens"]] if self.clip_spatial else []
         )
         if not captions:
             return ContrastiveEmbeddings()
-        texts = self.model.encode_text(torch.cat(captions)).chunk(len(captions))
+        texts = [self.model.encode_text(tokens) for tokens in captions]
         embeddings = ContrastiveEmbeddings()
         if self.clip_global:
             embeddings.global_cls, embeddings.alt_text = image.global_cls, texts[0]
