@@ -6,6 +6,12 @@ import hashlib
 import io
 import json
 import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -178,3 +184,47 @@ def test_done_shards_are_not_captioned_again(shards, tmp_path):
 def test_a_field_the_trainer_cannot_read_is_refused():
     with pytest.raises(ValueError, match="one of .*'spatial'.*got 'synthetic'"):
         CaptionTask("synthetic")
+
+
+KILLED_CHILD = """
+import sys, time
+from pathlib import Path
+from tipstorch.engine.captioning import CaptionTask, caption_shards
+
+def slow(images, prompt):
+    time.sleep(0.2)
+    return [f"{prompt} #{len(images)}" for _ in images]
+
+shards = sorted(Path(sys.argv[1]).glob("*.tar"))
+caption_shards(shards, slow, [CaptionTask("spatial")], out_dir=sys.argv[2], batch_size=1, progress=False)
+"""
+
+
+def test_a_sigkilled_run_resumes_from_its_progress_file(shards, tmp_path):
+    paths, records = shards
+    out = tmp_path / "out"
+    root = Path(__file__).resolve().parents[2]
+    child = subprocess.Popen(
+        [sys.executable, "-c", KILLED_CHILD, str(paths[0].parent), str(out)],
+        env={**os.environ, "PYTHONPATH": str(root / "src")},
+    )
+    progress = out / PROGRESS_DIR
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and child.poll() is None:  # wait for 2 captions of shard 1
+        partial = list(progress.glob("shard-000001*.partial.jsonl")) if progress.is_dir() else []
+        if partial and len(partial[0].read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.05)
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    assert child.returncode == -signal.SIGKILL
+    (partial,) = progress.glob("shard-000001*.partial.jsonl")
+    logged = {json.loads(line)["key"] for line in partial.read_text().splitlines() if line.endswith("}")}
+    assert 2 <= len(logged) < 5
+    again = CountingCaptioner(echo_captioner, _keys_by_pixels(records))
+    caption_shards(paths, again, TASKS[:1], out_dir=out, batch_size=1, progress=False)
+    shard1 = {f"k{i:02d}" for i in range(5, 10)}
+    assert {key for key, _ in again.captioned} == shard1 - logged  # only what the killed run had not logged
+    written = _read(out)
+    assert list(written) == list(records)
+    assert all(json.loads(written[k]["json"])["spatial"] == "caption en #1" for k in logged)
