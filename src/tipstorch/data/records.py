@@ -51,6 +51,16 @@ def iter_records(shard: str | Path) -> Iterator[Record]:
         yield record
 
 
+def _unique_keys(records: Iterable[Record], seen: set[str], where: str) -> Iterator[Record]:
+    """The records, adding their keys to ``seen``; ValueError on a key seen before."""
+    for record in records:
+        key = str(record["__key__"])
+        if key in seen:
+            raise ValueError(f"duplicate sample key {key!r} while writing {where}")
+        seen.add(key)
+        yield record
+
+
 def _fsync_replace(temporary: Path, final: Path) -> None:
     with temporary.open("rb") as handle:
         os.fsync(handle.fileno())
@@ -69,11 +79,7 @@ def write_shard_atomic(records: Iterable[Record], path: str | Path) -> int:
         with temporary.open("wb") as stream:
             writer = wds.TarWriter(stream, mtime=0.0, encoder=False)
             try:
-                for record in records:
-                    key = str(record["__key__"])
-                    if key in seen:
-                        raise ValueError(f"duplicate sample key {key!r} while writing {final}")
-                    seen.add(key)
+                for record in _unique_keys(records, seen, str(final)):
                     writer.write(record)
             finally:
                 writer.close()
@@ -112,11 +118,7 @@ def write_record_shards(
         write_shard_atomic(batch, shards[-1])
         batch.clear()
 
-    for record in records:
-        key = str(record["__key__"])
-        if key in seen:
-            raise ValueError(f"duplicate sample key {key!r} (shard {len(shards)} of {out})")
-        seen.add(key)
+    for record in _unique_keys(records, seen, str(out)):
         batch.append(record)
         if len(batch) == shard_size:
             flush()

@@ -9,6 +9,7 @@ so a killed job resumes at the first unit not yet embedded.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Sequence
@@ -67,14 +68,7 @@ class CurationReport:
     written: dict[str, object] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, object]:
-        return {
-            "model": self.model,
-            "pool": self.pool,
-            "targets": self.targets,
-            "overlap_between_targets": self.overlap_between_targets,
-            "duplicates": self.duplicates,
-            "written": self.written,
-        }
+        return dataclasses.asdict(self)
 
 
 def _embed(

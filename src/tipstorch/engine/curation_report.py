@@ -13,12 +13,10 @@ from tipstorch.engine.curation import TargetCuration
 def plot_distances(results: Sequence[TargetCuration], names: Sequence[str], path: str | Path) -> Path:
     """Write a PNG with one histogram per target: pool distances inside the radius (eligible) and at
     or beyond it (dropped), and those of the selected images; returns the path."""
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: the global backend stays as the caller set it
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(len(results), 1, figsize=(7, 2.6 * len(results)), squeeze=False)
+    figure = Figure(figsize=(7, 2.6 * len(results)))
+    axes = figure.subplots(len(results), 1, squeeze=False)
     for axis, result, name in zip(axes[:, 0], results, names, strict=True):
         bins = np.linspace(0.0, float(result.pool_distance.max()) + 1e-6, 41)
         axis.hist(
@@ -41,5 +39,4 @@ def plot_distances(results: Sequence[TargetCuration], names: Sequence[str], path
         axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
-    plt.close(figure)
     return Path(path)
