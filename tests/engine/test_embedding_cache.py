@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -55,34 +57,40 @@ def test_a_changed_folder_chunk_is_recomputed(tmp_path):
     assert table.embeddings[2].argmax() == 1
 
 
-def test_tips_embedder_gives_unit_global_cls_under_bf16_and_fp32():
+@pytest.fixture(scope="module")
+def tiny_model():
     torch.manual_seed(0)
-    model = tipstorch.create_model("tips-tiny")
-    images = [colour_image for colour_image in _pil_images()]
-    fp32 = TIPSImageEmbedder(model, image_size=56, precision="fp32")(images)
-    bf16 = TIPSImageEmbedder(model, image_size=56, precision="bf16")(images)
-    assert fp32.shape == (2, model.config.vision.embed_dim) and fp32.dtype == np.float32
+    return tipstorch.create_model("tips-tiny")
+
+
+def test_tips_embedder_gives_unit_global_cls_under_bf16_and_fp32(tiny_model):
+    images = _pil_images()
+    fp32 = TIPSImageEmbedder(tiny_model, image_size=56, precision="fp32")(images)
+    bf16 = TIPSImageEmbedder(tiny_model, image_size=56, precision="bf16")(images)
+    assert fp32.shape == (2, tiny_model.config.vision.embed_dim) and fp32.dtype == np.float32
     assert np.allclose(np.linalg.norm(fp32, axis=1), 1.0, atol=1e-5)
     assert np.abs(fp32 - bf16).max() < 0.05  # bf16 keeps ~3 significant digits of unit vectors
-    expected = model.encode_image(
-        torch.stack([tipstorch.image_transform(56)(i) for i in images]), normalize=True
-    )
-    assert np.allclose(fp32, expected.global_cls.detach().numpy(), atol=1e-5)
+    batch = torch.stack([tipstorch.image_transform(56)(image) for image in images])
+    with torch.no_grad():
+        expected = tiny_model.encode_image(batch, normalize=True).global_cls.numpy()
+    assert np.allclose(fp32, expected, atol=1e-5)
 
 
-def test_fingerprint_separates_weights_and_settings():
-    torch.manual_seed(0)
-    first = tipstorch.create_model("tips-tiny")
-    torch.manual_seed(1)
-    second = tipstorch.create_model("tips-tiny")
+def test_fingerprint_separates_weights_and_settings(tiny_model):
+    other = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        next(other.parameters()).add_(1e-3)  # a fine-tune: every value of a tensor moves
     names = {
-        TIPSImageEmbedder(first, 56).fingerprint,
-        TIPSImageEmbedder(second, 56).fingerprint,
-        TIPSImageEmbedder(first, 112).fingerprint,
-        TIPSImageEmbedder(first, 56, embedding="spatial_cls").fingerprint,
+        TIPSImageEmbedder(tiny_model, 56).fingerprint,
+        TIPSImageEmbedder(other, 56).fingerprint,
+        TIPSImageEmbedder(tiny_model, 112).fingerprint,
+        TIPSImageEmbedder(tiny_model, 56, embedding="spatial_cls").fingerprint,
     }
     assert len(names) == 4
-    assert TIPSImageEmbedder(first, 56).fingerprint == TIPSImageEmbedder(first, 56).fingerprint
+    assert (
+        TIPSImageEmbedder(tiny_model, 56).fingerprint
+        == TIPSImageEmbedder(copy.deepcopy(tiny_model), 56).fingerprint
+    )
 
 
 def _pil_images():
