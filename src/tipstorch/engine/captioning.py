@@ -61,8 +61,8 @@ class CaptionTask:
 
 @dataclass
 class CaptionSummary:
-    """Shards processed or found done, captions written per field, samples that already had the
-    field (kept), and (shard, key, reason) of every sample that could not be read."""
+    """Shards processed or found done, captions written per field, (sample, field) pairs that already
+    held a caption and were kept, and (shard, key, reason) of every sample that could not be read."""
 
     shards_done: int = 0
     shards_already_done: int = 0
@@ -157,16 +157,18 @@ class _ShardCaptioning:
     ) -> None:
         samples = [_parse(record) for record in iter_records(self.source)]
         captions = _read_partial(self.partial)
-        kept = 0
-        pending: list[_Sample] = []
-        for sample in samples:
-            if sample.meta is None or sample.problem:
-                continue
-            todo = [t for t in self.tasks if (sample.key, t.field) not in captions]
-            missing = [t for t in todo if overwrite or not sample.meta.get(t.field)]
-            kept += len(todo) - len(missing)
-            if missing:
-                pending.append(sample)
+        readable = [s for s in samples if s.meta is not None and not s.problem]
+        pending = [s for s in readable if any(self._needs(s, t, captions, overwrite) for t in self.tasks)]
+        kept = (
+            sum(
+                1
+                for s in readable
+                for t in self.tasks
+                if (s.key, t.field) not in captions and s.meta.get(t.field)
+            )
+            if not overwrite
+            else 0
+        )
         with self.partial.open("a", encoding="utf-8") as log:
             for start in range(0, len(pending), batch_size):
                 self._caption_batch(
@@ -176,7 +178,7 @@ class _ShardCaptioning:
         skipped = [(str(self.source), s.key, s.problem) for s in samples if s.problem]
         for _, key, problem in skipped:
             logger.warning("skipped sample %s:%s: %s", self.source, key, problem)
-        write_shard_atomic((self._updated(s, captions, overwrite) for s in samples), self.output)
+        write_shard_atomic((self._updated(s, captions) for s in samples), self.output)
         _write_json_atomic(
             self.done,
             {"samples": len(samples), "skipped": [{"key": k, "reason": r} for _, k, r in skipped]},
@@ -197,13 +199,7 @@ class _ShardCaptioning:
     ) -> None:
         images = {sample.key: image for sample in batch if (image := _decode(sample)) is not None}
         for task in self.tasks:
-            todo = [
-                s.key
-                for s in batch
-                if s.key in images
-                and (s.key, task.field) not in captions
-                and (overwrite or not s.meta.get(task.field))
-            ]
+            todo = [s.key for s in batch if s.key in images and self._needs(s, task, captions, overwrite)]
             if not todo:
                 continue
             texts = captioner([images[key] for key in todo], task.prompt)
@@ -216,7 +212,14 @@ class _ShardCaptioning:
         log.flush()
         os.fsync(log.fileno())
 
-    def _updated(self, sample: _Sample, captions: dict[tuple[str, str], str], overwrite: bool) -> Record:
+    @staticmethod
+    def _needs(
+        sample: _Sample, task: CaptionTask, captions: dict[tuple[str, str], str], overwrite: bool
+    ) -> bool:
+        """Whether ``sample`` still needs a caption for ``task`` (not logged, and not present unless overwrite)."""
+        return (sample.key, task.field) not in captions and (overwrite or not sample.meta.get(task.field))
+
+    def _updated(self, sample: _Sample, captions: dict[tuple[str, str], str]) -> Record:
         if sample.meta is None or sample.problem:
             return sample.record
         meta = dict(sample.meta)
@@ -240,7 +243,9 @@ def caption_shards(
     """Caption every sample of the shards for every task (see the module docstring).
 
     out_dir: where the captioned shards go (same names); None rewrites the shards in place.
-    overwrite: caption samples that already hold the field too (default: keep their caption).
+    overwrite: caption samples that already hold the field too (default: keep their caption); shards
+        with a done record for the same fields and prompts are skipped either way (delete
+        ``.caption-progress/`` beside the output to caption them again).
     """
     if not tasks:
         raise ValueError("no caption task given")
