@@ -87,7 +87,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import tipstorch
-    from tipstorch.checkpoints import save_transformers
+    from tipstorch.weights.transformers import save_transformers
 
     with tempfile.TemporaryDirectory() as directory:
         model = tipstorch.create_model(args.model)

@@ -25,6 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 from tipstorch.train.config import load_config, resolve_config
 from tipstorch.train.loop import Trainer
+from tipstorch.weights.factory import get_tokenizer
 
 ATTENTION_FLOPS = {
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: (
@@ -67,7 +68,7 @@ def measure(model: str, dtype: str, batch: int, steps: int) -> dict:
     cfg = load_config(resolve_config(f"tips_{model}"), [f"loop.batch_size={batch}", f"loop.bf16={dtype == 'bf16'}",
                                                        "loop.steps=1000", "model.grad_checkpointing=false"])
     with tempfile.TemporaryDirectory() as out_dir:
-        trainer = Trainer(cfg, out_dir=out_dir)
+        trainer = Trainer(cfg, get_tokenizer, out_dir=out_dir)
         inputs = synthetic_batch(trainer, batch)
         with FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOPS) as counter:
             trainer.train_step(inputs)  # also the warm-up

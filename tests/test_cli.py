@@ -15,7 +15,7 @@ from safetensors import safe_open
 
 import tipstorch
 from tipstorch.cli import main
-from tipstorch.factory import scenes_tokenizer_path
+from tipstorch.weights.factory import scenes_tokenizer_path
 
 EXAMPLE = str(scenes_tokenizer_path().with_name("example_scene.png"))
 

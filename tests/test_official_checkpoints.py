@@ -13,7 +13,8 @@ from tests.official_reference import (
     official_text_forward,
     official_vision_arrays,
 )
-from tipstorch.checkpoints import CheckpointError, save_official
+from tipstorch.weights.official import save_official
+from tipstorch.weights.state_io import CheckpointError
 
 CASES = {
     # name: (width, heads, vision depth, mlp hidden, swiglu)

@@ -9,9 +9,9 @@ import torch
 
 import tipstorch
 from tests.helpers import randomize, tiny_config
-from tipstorch.checkpoints import save_transformers
 from tipstorch.models.registry import get_model_spec, list_models
 from tipstorch.models.tips import TIPSModel
+from tipstorch.weights.transformers import save_transformers
 
 transformers = pytest.importorskip("transformers")
 
@@ -52,7 +52,7 @@ def test_exported_model_runs_identically_in_transformers(tmp_path, ffn, image_si
 @pytest.mark.parametrize("ffn", ["mlp", "swiglu"])
 def test_transformers_checkpoint_loads_into_tipstorch(tmp_path, ffn):
     ours_config = tiny_config(ffn)
-    from tipstorch.checkpoints import transformers_config
+    from tipstorch.weights.transformers import transformers_config
 
     hf_config = transformers.Tipsv2Config(**{k: v for k, v in transformers_config(ours_config).items()
                                              if k not in ("model_type", "architectures")})
@@ -87,7 +87,7 @@ def test_in_memory_transformers_state_dict_also_loads(tmp_path):
 
     from safetensors.torch import save_file
 
-    from tipstorch.checkpoints import transformers_config
+    from tipstorch.weights.transformers import transformers_config
 
     ours_config = tiny_config("swiglu")
     hf_config_dict = transformers_config(ours_config)

@@ -1,11 +1,12 @@
 """tipstorch: TIPS and TIPSv2 image-text encoders with spatial awareness, in PyTorch."""
 
-from tipstorch.checkpoints import CheckpointError, save_model
 from tipstorch.data.transforms import image_transform
-from tipstorch.factory import create_model, get_tokenizer, load_model
 from tipstorch.models.registry import list_models
 from tipstorch.models.tips import TIPSConfig, TIPSModel
 from tipstorch.models.vit import ImageFeatures
+from tipstorch.weights.factory import create_model, get_tokenizer, load_model
+from tipstorch.weights.state_io import CheckpointError
+from tipstorch.weights.tipstorch_file import save_model
 
 __version__ = "0.1.0"
 

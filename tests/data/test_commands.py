@@ -8,7 +8,7 @@ import json
 import pytest
 from PIL import Image
 
-from tipstorch.data.commands import add_data_parser, run_data
+from tipstorch.cli.data import add_data_parser, run_data
 from tipstorch.data.shards import ShardDataset
 
 

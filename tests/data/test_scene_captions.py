@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from tipstorch.data.captions import flip_caption
+from tipstorch.data.sample import ImageTextSample
 from tipstorch.data.scene_captions import ALT_DISTRACTORS, RELATION_MARGIN, RELATIONS
-from tipstorch.data.scenes import OBJECT_COLOURS, SceneSample, ScenesConfig, ScenesDataset
+from tipstorch.data.scenes import OBJECT_COLOURS, ScenesConfig, ScenesDataset
 
 SIZE = 96
 SAMPLES = [ScenesDataset(ScenesConfig(image_size=SIZE, seed=11)).sample(i) for i in range(150)]
@@ -31,7 +32,7 @@ CELLS = {
 }  # fmt: skip
 
 
-def _masks_by_name(sample: SceneSample, instance_mask: np.ndarray) -> dict[tuple[str, str], np.ndarray]:
+def _masks_by_name(sample: ImageTextSample, instance_mask: np.ndarray) -> dict[tuple[str, str], np.ndarray]:
     return {(o.colour.name, o.shape): instance_mask == o.instance_id for o in sample.objects}
 
 
@@ -63,7 +64,7 @@ def _holds(relation: str, a: np.ndarray, b: np.ndarray, depth: np.ndarray) -> bo
     }[relation]
 
 
-def _check_relations(sample: SceneSample, text: str, pattern: re.Pattern, instance_mask, depth) -> int:
+def _check_relations(sample: ImageTextSample, text: str, pattern: re.Pattern, instance_mask, depth) -> int:
     masks = _masks_by_name(sample, instance_mask)
     found = 0
     for colour_a, shape_a, relation, colour_b, shape_b in pattern.findall(text):
@@ -79,7 +80,7 @@ def _third(fraction: float, names: tuple[str, str, str]) -> str:
     return names[0] if offset < -1 / 6 else names[2] if offset > 1 / 6 else names[1]
 
 
-def _check_positions(sample: SceneSample, text: str, instance_mask) -> int:
+def _check_positions(sample: ImageTextSample, text: str, instance_mask) -> int:
     masks = _masks_by_name(sample, instance_mask)
     height, width = instance_mask.shape
     found = 0

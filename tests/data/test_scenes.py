@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from tipstorch.data.scenes import SHAPES, SceneSample, ScenesConfig, ScenesDataset, ScenesStream
+from tipstorch.data.sample import ImageTextSample
+from tipstorch.data.scenes import SHAPES, ScenesConfig, ScenesDataset, ScenesStream
 
 
-def _same(a: SceneSample, b: SceneSample) -> bool:
+def _same(a: ImageTextSample, b: ImageTextSample) -> bool:
     return (
         np.array_equal(np.asarray(a.image), np.asarray(b.image))
         and a.captions == b.captions

@@ -14,17 +14,18 @@ import pytest
 import torch
 from PIL import Image
 
-from tipstorch.data.scenes import SceneSample, ScenesConfig, ScenesDataset
+from tipstorch.data.sample import ImageTextSample
+from tipstorch.data.scenes import ScenesConfig, ScenesDataset
 from tipstorch.data.shards import ShardDataset, expand_shards, write_shards
 from tipstorch.data.streams import ReadStats
 
 
-def _scenes(count: int, size: int = 32) -> list[SceneSample]:
+def _scenes(count: int, size: int = 32) -> list[ImageTextSample]:
     dataset = ScenesDataset(ScenesConfig(image_size=size, seed=0))
     return [dataset.sample(i) for i in range(count)]
 
 
-def _key(sample: SceneSample) -> str:
+def _key(sample: ImageTextSample) -> str:
     return sample.key
 
 
@@ -85,7 +86,7 @@ def test_writing_equal_samples_twice_gives_identical_shards(tmp_path):
 
 
 def test_writer_refuses_duplicate_keys_and_replaces_dots(tmp_path):
-    sample = SceneSample(image=Image.new("RGB", (4, 4)), captions={"caption": "x"}, key="img.001")
+    sample = ImageTextSample(image=Image.new("RGB", (4, 4)), captions={"caption": "x"}, key="img.001")
     write_shards([sample], tmp_path / "ok")
     assert [s.key for s in ShardDataset(tmp_path / "ok")] == ["img_001"]
     with pytest.raises(ValueError, match="duplicate sample key 'img_001'"):
@@ -206,6 +207,6 @@ def test_expand_shards_reads_brace_patterns_and_names_missing_files(eight_shards
 
 
 def test_writer_refuses_a_sample_without_captions(tmp_path):
-    sample = SceneSample(image=Image.new("RGB", (4, 4)), captions={"alt": "  "}, key="empty")
+    sample = ImageTextSample(image=Image.new("RGB", (4, 4)), captions={"alt": "  "}, key="empty")
     with pytest.raises(ValueError, match="sample 'empty' has no caption"):
         write_shards([sample], tmp_path)

@@ -10,10 +10,12 @@ import torch
 
 import tipstorch
 from tests.eval import layouts
-from tests.eval.tiny_model import tiny_tips
-from tipstorch.eval.commands import add_eval_parser, parse_data, plan_runs, run_eval
+from tests.helpers import tiny_tips
+from tipstorch.cli.eval import add_eval_parser, parse_data, plan_runs, run_eval
+from tipstorch.eval.context import limit
+from tipstorch.eval.datasets import SquareTargets
 from tipstorch.eval.quick import QUICK_TASKS
-from tipstorch.eval.standard import SquareTargets, limit
+from tipstorch.eval.tasks import TASKS
 
 
 def parse(argv):
@@ -146,8 +148,8 @@ def test_scenes_tasks_run_the_quick_evaluation(model_path, tmp_path, capsys):
     report = run_eval(args)
     quick_metrics = {key.split("/")[1] for key in report["metrics"]}
     assert all(key.startswith("scenes/") for key in report["metrics"])
-    assert quick_metrics == set(QUICK_TASKS) | {"retrieval_alt"}
-    assert report["protocol"]["scenes"]["num_train"] == 4
+    assert quick_metrics == {TASKS[task].name for task in QUICK_TASKS} | {"retrieval_alt"}
+    assert report["details"]["scenes/knn"]["num_train"] == 4  # --max-samples caps the scenes
     assert "scenes/normals_dpt/mean_deg" in capsys.readouterr().out
 
 

@@ -1,13 +1,14 @@
 """Quick evaluation on the scenes data: every metric, ranges, chance level, determinism, side effects."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
 import tipstorch
-from tests.eval.tiny_model import tiny_tips
-from tipstorch.eval.quick import ALL_QUICK_TASKS, QuickEvalConfig, quick_evaluation
+from tests.helpers import tiny_tips
+from tipstorch.eval.quick import QUICK_SETTINGS, SCENE_TASKS, quick_evaluation
 
 # The documented metric names (tipstorch.eval.report / quick module docstring), by range.
 FRACTIONS = [
@@ -19,16 +20,16 @@ FRACTIONS = [
 METRES_OR_RATIOS = ["depth_probe/rmse", "depth_probe/abs_rel", "depth_dpt/rmse", "depth_dpt/abs_rel"]
 DEGREES = ["normals_dpt/mean_deg", "normals_dpt/median_deg", "normals_dpt/rmse_deg"]
 
-SMALL = QuickEvalConfig(
-    image_size=28, num_train=6, num_test=4, probe_iterations=2, probe_batch_size=2, linear_epochs=1,
-    dpt_channels=8, batch_size=4, tasks=ALL_QUICK_TASKS,
+SMALL = replace(
+    QUICK_SETTINGS, image_size=28, scenes_train=6, scenes_test=4, probe_iterations=2, probe_batch_size=2,
+    linear_epochs=1, dpt_channels=8, batch_size=4,
 )
 
 
 @pytest.fixture(scope="module")
 def small_run():
     model = tiny_tips()
-    return quick_evaluation(model, tipstorch.get_tokenizer(model), SMALL, progress=False)
+    return quick_evaluation(model, tipstorch.get_tokenizer(model), SMALL, SCENE_TASKS, progress=False)
 
 
 def test_every_documented_metric_is_reported_and_nothing_else(small_run):
@@ -57,8 +58,8 @@ def test_top5_is_at_least_top1(small_run):
 
 def test_task_subset_reports_only_its_metrics():
     model = tiny_tips()
-    config = QuickEvalConfig(image_size=28, num_train=4, num_test=4, tasks=("knn", "retrieval"))
-    result = quick_evaluation(model, tipstorch.get_tokenizer(model), config, progress=False)
+    settings = replace(QUICK_SETTINGS, image_size=28, scenes_train=4, scenes_test=4)
+    result = quick_evaluation(model, tipstorch.get_tokenizer(model), settings, ("knn", "retrieval"), progress=False)
     assert {key.split("/")[0] for key in result} == {"knn", "retrieval", "retrieval_alt"}
 
 
@@ -66,29 +67,34 @@ def test_results_are_reproducible_and_the_caller_state_is_restored():
     model = tiny_tips()
     model.train()
     tokenizer = tipstorch.get_tokenizer(model)
-    config = QuickEvalConfig(image_size=28, num_train=4, num_test=4, probe_iterations=2, tasks=("seg_probe", "linear"))
+    settings = replace(QUICK_SETTINGS, image_size=28, scenes_train=4, scenes_test=4, probe_iterations=2)
+    tasks = ("seg-probe", "linear")
     torch.manual_seed(123)
     rng_before = torch.get_rng_state()
-    first = quick_evaluation(model, tokenizer, config, progress=False)
+    first = quick_evaluation(model, tokenizer, settings, tasks, progress=False)
     assert torch.equal(torch.get_rng_state(), rng_before)
     assert model.training
-    assert quick_evaluation(model, tokenizer, config, progress=False) == first
+    assert quick_evaluation(model, tokenizer, settings, tasks, progress=False) == first
 
 
-@pytest.mark.parametrize(
-    ("overrides", "message"),
-    [({"tasks": ("knn", "imagenet")}, "subset"), ({"image_size": 100}, "multiple of 14"), ({"num_test": 1}, ">= 2")],
-)
-def test_bad_config_is_refused_with_the_reason(overrides, message):
+@pytest.mark.parametrize(("overrides", "message"), [({"image_size": 100}, "multiple of 14"), ({"scenes_test": 1}, ">= 2")])
+def test_bad_settings_are_refused_with_the_reason(overrides, message):
     with pytest.raises(ValueError, match=message):
-        QuickEvalConfig(**overrides)
+        replace(QUICK_SETTINGS, **overrides)
+
+
+def test_a_task_the_scenes_cannot_run_is_refused_with_the_choices():
+    model = tiny_tips()
+    with pytest.raises(ValueError, match="subset"):
+        quick_evaluation(model, tipstorch.get_tokenizer(model), tasks=("knn", "imagenet"), progress=False)
 
 
 def test_random_model_scores_near_chance_on_the_text_tasks():
     """8 scene labels (the most frequent ~1/4 of scenes), 64 test captions, 8 shapes."""
     model = tiny_tips(seed=1)
-    config = QuickEvalConfig(image_size=28, num_train=2, num_test=64, tasks=("zeroshot_cls", "zeroshot_seg", "retrieval"))
-    result = quick_evaluation(model, tipstorch.get_tokenizer(model), config, progress=False)
+    settings = replace(QUICK_SETTINGS, image_size=28, scenes_train=2, scenes_test=64)
+    tasks = ("zeroshot-cls", "zeroshot-seg", "retrieval")
+    result = quick_evaluation(model, tipstorch.get_tokenizer(model), settings, tasks, progress=False)
     assert result["zeroshot_cls/top1"] <= 0.35
     assert result["zeroshot_seg/miou"] <= 0.2
     for key in ("retrieval/i2t_r1", "retrieval/t2i_r1", "retrieval_alt/i2t_r1", "retrieval_alt/t2i_r1"):

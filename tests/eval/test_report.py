@@ -2,8 +2,7 @@
 
 import pytest
 
-from tipstorch.eval.quick import format_comparison
-from tipstorch.eval.report import headline, lower_is_better
+from tipstorch.eval.report import format_comparison, headline, lower_is_better
 
 
 def test_headline_renames_retrieval_and_keeps_only_table_metrics():

@@ -13,6 +13,7 @@ import torch
 
 from tipstorch.train.config import TrainCfg, load_config, resolve_config
 from tipstorch.train.loop import Trainer
+from tipstorch.weights.factory import get_tokenizer
 
 TINY = [
     "model.vision={embed_dim: 32, depth: 1, num_heads: 2, mlp_hidden_dim: 64, pos_grid: 2, layer_scale_init: 0.1}",
@@ -30,7 +31,7 @@ def tiny_cfg(*overrides: str, config: str = "tiny_cpu") -> TrainCfg:
 
 
 def tiny_trainer(out_dir: Path, *overrides: str, config: str = "tiny_cpu", **kwargs) -> Trainer:
-    return Trainer(tiny_cfg(*overrides, config=config), out_dir=out_dir, **kwargs)
+    return Trainer(tiny_cfg(*overrides, config=config), get_tokenizer, out_dir=out_dir, **kwargs)
 
 
 def losses(history: Iterable[dict[str, float]]) -> list[dict[str, float]]:

@@ -12,9 +12,9 @@ import pytest
 
 import tipstorch
 from tests.train.loop_helpers import TINY
-from tipstorch.train.checkpoint import FINAL, LAST, load_checkpoint
-from tipstorch.train.commands import add_train_parser
+from tipstorch.cli.train import add_train_parser
 from tipstorch.train.config import ConfigError, resolve_config, shipped_configs, shipped_configs_dir
+from tipstorch.train.run_state import FINAL, LAST, load_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -81,7 +81,7 @@ def test_non_finite_loss_exits_with_a_clear_message(tmp_path):
 
 SUBPROCESS = """
 import argparse, sys
-from tipstorch.train.commands import add_train_parser
+from tipstorch.cli.train import add_train_parser
 parser = argparse.ArgumentParser()
 add_train_parser(parser.add_subparsers())
 args = parser.parse_args(["train", *sys.argv[1:]])

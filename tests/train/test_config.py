@@ -158,3 +158,52 @@ def test_model_names_and_fields_exist_in_the_registry():
         assert set(cfg.model.vision) <= vision_fields and set(cfg.model.text) <= text_fields, path.name
         if cfg.teacher.frozen_model is not None:
             assert cfg.teacher.frozen_model in registry.list_models(pretrained=True), path.name
+
+
+def test_crop_fields_are_checked_at_load_and_the_error_names_them():
+    with pytest.raises(ConfigError, match=r"tiny_cpu.*DataCfg\.local_size must be a positive multiple of 14, got 50"):
+        load_config(CONFIGS / "tiny_cpu.yaml", ["data.local_size=50"])
+
+
+def test_the_data_section_and_the_collate_share_one_definition_of_the_crops():
+    from tipstorch.data.collate import MultiCropConfig
+    from tipstorch.train.config import DataCfg
+
+    crop_fields = {field.name: field for field in dataclasses.fields(MultiCropConfig)}
+    data_fields = {field.name: field for field in dataclasses.fields(DataCfg)}
+    assert all(data_fields[name] is field for name, field in crop_fields.items())
+    assert DataCfg().caption_weights == MultiCropConfig().caption_weights == {"spatial": 1.0}
+
+
+def test_the_hr_stage_names_a_step_the_low_resolution_run_keeps():
+    cfg = load_config(CONFIGS / "tips_hr_finetune.yaml")
+    base = load_config(CONFIGS / "tips_g14_paper.yaml")
+    assert cfg.model.init == f"{base.loop.out_dir}/step-92040.pt" and 92040 == 13 * base.loop.keep_every
+
+
+def stage_starting_from(tmp_path: Path, init: Path) -> Path:
+    return write(tmp_path, "stage.yaml", f"base: {CONFIGS / 'tiny_cpu.yaml'}\nmodel:\n  init: {init}\n")
+
+
+@pytest.mark.parametrize("step, keep_every", [(100, 30), (120, 0), (150, 30)])
+def test_a_starting_step_the_named_run_never_keeps_is_an_error_at_load(tmp_path, step, keep_every):
+    run = tmp_path / "first_stage"
+    run.mkdir()
+    (run / "config.yaml").write_text(f"loop:\n  steps: 120\n  keep_every: {keep_every}\n")
+    stage = stage_starting_from(tmp_path, run / f"step-{step}.pt")
+    with pytest.raises(ConfigError, match=rf"step-{step}\.pt can never exist: .*first_stage/config\.yaml"):
+        load_config(stage)
+
+
+def test_a_starting_step_the_named_run_keeps_loads(tmp_path):
+    run = tmp_path / "first_stage"
+    run.mkdir()
+    (run / "config.yaml").write_text("loop:\n  steps: 120\n  keep_every: 30\n")
+    stage = stage_starting_from(tmp_path, run / "step-90.pt")
+    assert load_config(stage).model.init == f"{run}/step-90.pt"
+
+
+def test_a_shipped_recipe_naming_an_unkept_step_fails_at_load(tmp_path):
+    stage = write(tmp_path, "stage.yaml", f"base: {CONFIGS / 'tips_hr_finetune.yaml'}\n")
+    with pytest.raises(ConfigError, match=r"step-91040\.pt can never exist: .*shipped recipe tips_g14_paper"):
+        load_config(stage, ["model.init=runs/tips_g14_paper/step-91040.pt"])  # the step it used to name

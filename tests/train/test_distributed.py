@@ -10,6 +10,7 @@ import torch.multiprocessing as mp
 
 from tests.train.loop_helpers import first, parameters, tiny_cfg
 from tipstorch.train.loop import Trainer
+from tipstorch.weights.factory import get_tokenizer
 
 WORLD = 2
 STEPS = 3
@@ -26,7 +27,7 @@ def run_rank(rank: int, port: int, folder: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD), RANK=str(rank),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    trainer = Trainer(tiny_cfg(*OVERRIDES), out_dir=Path(folder) / "run")
+    trainer = Trainer(tiny_cfg(*OVERRIDES), get_tokenizer, out_dir=Path(folder) / "run")
     assert (trainer.context.rank, trainer.context.world_size, trainer.local_batch) == (rank, WORLD, 4)
     batches = torch.load(Path(folder) / "batches.pt", weights_only=True)
     rows = slice(rank * 4, (rank + 1) * 4)
@@ -37,7 +38,7 @@ def run_rank(rank: int, port: int, folder: str) -> None:
 
 
 def test_two_gloo_processes_agree_and_match_one_process_on_the_whole_batch(tmp_path):
-    single = Trainer(tiny_cfg(*OVERRIDES), out_dir=tmp_path / "single")
+    single = Trainer(tiny_cfg(*OVERRIDES), get_tokenizer, out_dir=tmp_path / "single")
     batches = first(single.batches(), STEPS)
     torch.save(batches, tmp_path / "batches.pt")
     mp.spawn(run_rank, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)

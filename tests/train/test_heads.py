@@ -64,3 +64,14 @@ def test_every_head_parameter_receives_a_gradient():
     head = small_head()
     head(torch.randn(5, 12)).logsumexp(-1).sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head.parameters())
+
+
+def test_prototype_scores_are_float32_cosines_under_bf16_autocast():
+    head = small_head()
+    tokens = torch.randn(64, 12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        scores = head(tokens)
+        embedding = head.mlp(tokens)  # the MLP itself may run in bf16
+    assert scores.dtype == torch.float32
+    expected = F.normalize(embedding.double(), dim=-1) @ F.normalize(head.prototypes.weight.double(), dim=-1).T
+    torch.testing.assert_close(scores.double(), expected, rtol=0, atol=1e-6)

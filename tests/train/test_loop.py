@@ -9,9 +9,10 @@ import torch
 
 import tipstorch
 from tests.train.loop_helpers import losses, parameters, signal_after, tiny_trainer
-from tipstorch.checkpoints import CheckpointError
-from tipstorch.train.checkpoint import FINAL, LAST, PREVIOUS, load_checkpoint
 from tipstorch.train.loop import LOG_FILE, NonFiniteLossError, Trainer
+from tipstorch.train.run_state import FINAL, LAST, PREVIOUS, load_checkpoint
+from tipstorch.weights.factory import get_tokenizer
+from tipstorch.weights.state_io import CheckpointError
 
 
 def test_a_50_step_run_on_16_scenes_lowers_the_contrastive_losses_below_chance(tmp_path):
@@ -37,7 +38,7 @@ def straight_and_resumed(tmp_path, steps: int, config: str, *overrides: str):
     result = interrupted.fit(signal_after(interrupted.batches(), steps // 2))
     assert (result.status, result.step, result.signal_name) == ("interrupted", steps // 2, "SIGTERM")
     state, _ = load_checkpoint(tmp_path / "resumed")
-    resumed = Trainer(interrupted.cfg, out_dir=tmp_path / "resumed", resume=state)
+    resumed = Trainer(interrupted.cfg, get_tokenizer, out_dir=tmp_path / "resumed", resume=state)
     assert resumed.step == steps // 2
     resumed_history = losses(interrupted.history + resumed.fit().history)
     return straight, straight_history, resumed, resumed_history
@@ -171,10 +172,17 @@ def test_head_only_teacher_adds_no_backbone_copy(tmp_path):
 
 
 def test_temperature_is_clamped_after_each_step(tmp_path):
-    trainer = tiny_trainer(tmp_path, "loop.steps=1", "loss.min_temperature=0.069", "model.temperature=0.0691",
-                           "optim.temperature_lr_scale=100", "schedule.warmup_steps=0")
+    # With a 100x temperature lr one step moves the temperature from 0.0691 to ~0.17: a floor of 0.2 is
+    # then reached only through the clamp after the step.
+    step = ["loop.steps=1", "model.temperature=0.0691", "optim.temperature_lr_scale=100",
+            "schedule.warmup_steps=0"]
+    free = tiny_trainer(tmp_path / "free", *step, "loss.min_temperature=1e-6")
+    free.fit()
+    assert free.model.temperature.item() < 0.2  # where the step alone lands
+    trainer = tiny_trainer(tmp_path / "clamped", *step, "loss.min_temperature=0.2")
     trainer.fit()
-    assert trainer.model.temperature.item() >= 0.069
+    assert trainer.model.temperature.item() >= 0.2
+    assert trainer.model.temperature.item() == pytest.approx(0.2)
 
 
 def test_evaluate_runs_before_and_after_and_is_kept_across_a_resume(tmp_path):
@@ -188,6 +196,15 @@ def test_evaluate_runs_before_and_after_and_is_kept_across_a_resume(tmp_path):
     result = trainer.fit(signal_after(trainer.batches(), 2))
     assert result.eval_before == {"score": 1.0} and calls == [False]
     state, _ = load_checkpoint(tmp_path)
-    result = Trainer(trainer.cfg, out_dir=tmp_path, resume=state, evaluate=evaluate).fit()
+    result = Trainer(trainer.cfg, get_tokenizer, out_dir=tmp_path, resume=state, evaluate=evaluate).fit()
     assert (result.eval_before, result.eval_after) == ({"score": 1.0}, {"score": 2.0})
     assert calls == [False, False]  # evaluated in eval mode, not re-evaluated before the resumed part
+
+
+def test_step_checkpoints_are_kept_at_every_multiple_of_keep_every_whatever_checkpoint_every(tmp_path):
+    # tips_g14_paper.yaml: checkpoint_every 1000, keep_every 7080 -> step-92040.pt (13 epochs) must be written
+    trainer = tiny_trainer(tmp_path, "loop.steps=7", "loop.checkpoint_every=4", "loop.keep_every=3")
+    trainer.fit()
+    assert sorted(path.name for path in tmp_path.glob("step-*.pt")) == ["step-3.pt", "step-6.pt"]
+    assert [load_checkpoint(tmp_path / name)[0]["step"] for name in ("step-3.pt", "step-6.pt")] == [3, 6]
+    assert load_checkpoint(tmp_path / LAST)[0]["step"] == 7

@@ -13,6 +13,7 @@ from tipstorch.train.losses import (
     KoLeoLoss,
     ScoreCentering,
 )
+from tipstorch.train.outputs import ContrastiveEmbeddings, StudentOutputs, TeacherScores
 
 
 def ce(logits: list[float], target: int) -> float:
@@ -199,35 +200,48 @@ def test_total_weighs_parts_as_in_the_paper():
 def test_clip_only_config_builds_no_self_supervised_terms():
     loss = tips_loss(clip_global=1.0, clip_spatial=0.0, dino=0.0, ibot=0.0)
     assert loss.dino is None and loss.ibot is None and loss.koleo is None
-    embeddings = {"global_cls": torch.randn(3, 4), "alt_text": torch.randn(3, 4)}
+    embeddings = ContrastiveEmbeddings(global_cls=torch.randn(3, 4), alt_text=torch.randn(3, 4))
     assert set(loss.contrastive_parts(embeddings, torch.tensor(0.1))) == {"clip_global"}
-    assert loss.self_supervised_parts() == {}
+    assert loss.self_supervised_parts(StudentOutputs(embeddings), None, torch.zeros(3, 4, dtype=torch.bool),
+                                      0.07, 0.04) == {}
 
 
 def test_dual_contrastive_pairs_global_cls_with_alt_text_and_spatial_cls_with_synthetic_text():
     loss = tips_loss(dino=0.0, ibot=0.0)
-    embeddings = {key: torch.randn(3, 4) for key in ("global_cls", "alt_text", "spatial_cls", "synthetic_text")}
+    embeddings = ContrastiveEmbeddings(*(torch.randn(3, 4) for _ in range(4)))
     parts = loss.contrastive_parts(embeddings, torch.tensor(0.1))
     single = ContrastiveLoss()
     assert parts["clip_global"].item() == pytest.approx(
-        single(embeddings["global_cls"], embeddings["alt_text"], torch.tensor(0.1)).item())
+        single(embeddings.global_cls, embeddings.alt_text, torch.tensor(0.1)).item())
     assert parts["clip_spatial"].item() == pytest.approx(
-        single(embeddings["spatial_cls"], embeddings["synthetic_text"], torch.tensor(0.1)).item())
+        single(embeddings.spatial_cls, embeddings.synthetic_text, torch.tensor(0.1)).item())
 
 
 def test_enabled_term_without_its_inputs_is_a_clear_error():
-    with pytest.raises(ValueError, match="'dino' term is enabled.*teacher_global_scores"):
-        tips_loss().self_supervised_parts(student_local_scores=torch.randn(2, 32), dino_teacher_temp=0.07)
+    student = StudentOutputs(ContrastiveEmbeddings(), local_scores=torch.randn(2, 32))
+    with pytest.raises(ValueError, match=r"'dino' term is enabled.*teacher\.global_scores"):
+        tips_loss().self_supervised_parts(student, TeacherScores(), torch.zeros(1, 1, dtype=torch.bool), 0.07, 0.04)
 
 
 def test_step_centers_updates_both_centres_once():
     loss = tips_loss(prototypes=2)
     loss.self_supervised_parts(
-        student_local_scores=torch.zeros(2, 2), teacher_global_scores=torch.tensor([[1.0, 0.0]]),
-        dino_teacher_temp=0.07, student_patch_scores=torch.zeros(1, 1, 2),
-        teacher_patch_scores=torch.tensor([[[0.0, 2.0]]]), patch_mask=torch.tensor([[True]]),
-        ibot_teacher_temp=0.04,
+        StudentOutputs(ContrastiveEmbeddings(), local_scores=torch.zeros(2, 2), patch_scores=torch.zeros(1, 1, 2)),
+        TeacherScores(global_scores=torch.tensor([[1.0, 0.0]]), patch_scores=torch.tensor([[[0.0, 2.0]]])),
+        patch_mask=torch.tensor([[True]]), dino_teacher_temp=0.07, ibot_teacher_temp=0.04,
     )
     loss.step_centers()
     assert loss.dino.centering.center.tolist() == pytest.approx([0.1, 0.0])
     assert loss.ibot.centering.center.tolist() == pytest.approx([0.0, 0.2])
+
+
+def test_contrastive_logits_are_float32_under_bf16_autocast():
+    # A sharp temperature makes logits of ~100: in bf16 (8 bits of mantissa) they are off by ~0.5
+    generator = torch.Generator().manual_seed(0)
+    image, text = torch.randn(16, 32, generator=generator), torch.randn(16, 32, generator=generator)
+    temperature = torch.tensor(0.01)
+    exact = ContrastiveLoss()(image, text, temperature)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = ContrastiveLoss()(image, text, temperature)
+    assert autocast.dtype == torch.float32
+    torch.testing.assert_close(autocast, exact, rtol=1e-6, atol=0)

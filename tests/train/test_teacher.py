@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from tests.train.train_fakes import FakeStudent, make_batch, make_student, tips_forward, tips_loss
+from tipstorch.train.outputs import ContrastiveEmbeddings, StudentOutputs, TeacherScores
 from tipstorch.train.teacher import EMATeacher, FrozenTeacher
 
 
@@ -85,13 +86,31 @@ def test_a_training_step_gives_gradients_to_every_student_parameter_and_none_to_
     assert all(p.grad is None for p in teacher.parameters())
 
 
+def self_distillation_gradients(student: FakeStudent, loss, batch: dict, scores: TeacherScores) -> dict:
+    """The student's gradients of the DINO + iBOT loss against the given teacher scores."""
+    student.zero_grad(set_to_none=True)
+    masked = student.backbone.forward_features(batch["global_crop"], batch["patch_mask"])
+    local_cls = student.backbone.forward_features(batch["local_crops"].flatten(0, 1)).global_cls
+    outputs = StudentOutputs(ContrastiveEmbeddings(), local_scores=student.dino_head(local_cls),
+                             patch_scores=student.ibot_head(masked.flat))
+    loss.total(loss.self_supervised_parts(outputs, scores, batch["patch_mask"], 0.07, 0.05)).backward()
+    return {name: p.grad.clone() for name, p in student.backbone.named_parameters()}
+
+
 def test_head_only_teacher_pass_adds_no_gradient_to_the_shared_backbone():
+    # The teacher's targets come from the student's own backbone: the backward of the losses must give that
+    # backbone the gradients of the student's passes alone, the same as with targets held as constants.
     student = make_student()
     teacher = EMATeacher(student.parts(), mode="heads")
-    batch = make_batch()
-    with torch.no_grad():
-        teacher["backbone"].forward_features(batch["global_crop"]).global_cls.sum()
-    assert all(p.grad is None for p in student.backbone.parameters())
+    loss, batch = tips_loss(clip_global=0.0, clip_spatial=0.0), make_batch()
+    scores = teacher.scores(batch["global_crop"], None)  # runs the shared backbone
+    assert not scores.global_scores.requires_grad and not scores.patch_scores.requires_grad
+    through_teacher = self_distillation_gradients(student, loss, batch, scores)
+    constants = TeacherScores(scores.global_scores.detach().clone(), scores.patch_scores.detach().clone())
+    as_constants = self_distillation_gradients(student, loss, batch, constants)
+    assert all(grad.abs().sum() > 0 for grad in through_teacher.values())
+    for name, grad in as_constants.items():
+        torch.testing.assert_close(through_teacher[name], grad, rtol=0, atol=0, msg=name)
 
 
 def test_update_rejects_a_student_part_of_another_shape():
@@ -110,3 +129,21 @@ def test_frozen_teacher_is_fixed_and_ignores_updates():
     assert not any(p.requires_grad for p in teacher.parameters())
     for key, value in params(teacher["backbone"]).items():
         torch.testing.assert_close(value, before[key])
+
+
+def test_a_frozen_teacher_keeps_only_its_heads_in_a_checkpoint_and_loads_them_back():
+    teacher = FrozenTeacher(make_student(seed=1).parts())
+    state = teacher.training_state()
+    assert state and not any(key.startswith("parts.backbone.") for key in state)
+    other = FrozenTeacher(make_student(seed=2).parts())
+    other.load_training_state(state)
+    assert all(torch.equal(value, other.state_dict()[key]) for key, value in state.items())
+
+
+@pytest.mark.parametrize("mode", ["full", "heads"])
+def test_a_teacher_state_that_does_not_fit_is_an_error_naming_its_keys(mode):
+    teacher = EMATeacher(make_student().parts(), mode=mode)
+    state = teacher.training_state()
+    state.pop("ema_parts.dino_head.prototypes.weight")
+    with pytest.raises(ValueError, match=r"missing \['ema_parts\.dino_head\.prototypes\.weight'\]"):
+        teacher.load_training_state(state)

@@ -14,6 +14,7 @@ from tipstorch.models.vit import ImageFeatures
 from tipstorch.train.config import LossCfg, LossWeights
 from tipstorch.train.contrastive_accum import accumulate_gradients, split_batch
 from tipstorch.train.losses import TIPSLoss
+from tipstorch.train.outputs import ContrastiveEmbeddings, StudentOutputs, TeacherScores
 
 PATCH = 14
 
@@ -89,15 +90,17 @@ def make_batch(batch: int = 4, local_crops: int = 2, seed: int = 0, size: int = 
     }
 
 
-def contrastive_embeddings(student: FakeStudent, micro_batch: dict, features: ImageFeatures | None = None) -> dict:
+def contrastive_embeddings(
+    student: FakeStudent, micro_batch: dict, features: ImageFeatures | None = None
+) -> ContrastiveEmbeddings:
     if features is None:
         features = student.backbone.forward_features(micro_batch["global_crop"])
-    return {
-        "global_cls": features.global_cls,
-        "spatial_cls": features.spatial_cls,
-        "alt_text": student.text(micro_batch["alt_tokens"]),
-        "synthetic_text": student.text(micro_batch["synthetic_tokens"]),
-    }
+    return ContrastiveEmbeddings(
+        global_cls=features.global_cls,
+        alt_text=student.text(micro_batch["alt_tokens"]),
+        spatial_cls=features.spatial_cls,
+        synthetic_text=student.text(micro_batch["synthetic_tokens"]),
+    )
 
 
 def tips_forward(student: FakeStudent, teacher, loss: TIPSLoss, micro_batch: dict, temps=(0.07, 0.05)):
@@ -107,19 +110,18 @@ def tips_forward(student: FakeStudent, teacher, loss: TIPSLoss, micro_batch: dic
     local_cls = student.backbone.forward_features(local).global_cls
     with torch.no_grad():
         teacher_features = teacher["backbone"].forward_features(micro_batch["global_crop"])
-        teacher_global_scores = teacher["dino_head"](teacher_features.global_cls)
-        teacher_patch_scores = teacher["ibot_head"](teacher_features.flat)
-    parts = loss.self_supervised_parts(
-        student_local_scores=student.dino_head(local_cls),
-        teacher_global_scores=teacher_global_scores,
-        dino_teacher_temp=temps[0],
-        student_patch_scores=student.ibot_head(masked.flat),
-        teacher_patch_scores=teacher_patch_scores,
-        patch_mask=micro_batch["patch_mask"],
-        ibot_teacher_temp=temps[1],
-        student_cls=masked.global_cls,
+        teacher_scores = TeacherScores(
+            global_scores=teacher["dino_head"](teacher_features.global_cls),
+            patch_scores=teacher["ibot_head"](teacher_features.flat),
+        )
+    outputs = StudentOutputs(
+        contrastive_embeddings(student, micro_batch),
+        local_scores=student.dino_head(local_cls),
+        patch_scores=student.ibot_head(masked.flat),
+        koleo_cls=masked.global_cls,
     )
-    return contrastive_embeddings(student, micro_batch), parts
+    parts = loss.self_supervised_parts(outputs, teacher_scores, micro_batch["patch_mask"], *temps)
+    return outputs.embeddings, parts
 
 
 def make_student(seed: int = 0) -> FakeStudent:

@@ -39,11 +39,15 @@ class MultiCropConfig:
         crop with horizontal flips" (Sec. 3.2); captions of a flipped sample go through
         ``flip_caption`` so that left/right stay true.
     local_flip: "the local crop is just a random crop of the original image" (Sec. 3.2): off.
-    caption_weights: source -> weight of the per-sample draw for the synthetic caption (CLS2);
-        TIPSv2 alternates PaliGemma- and Gemini-like captions (our ``spatial`` / ``detailed``);
-        the project page gives no ratio, so equal weights. TIPS v1: {"spatial": 1.0}.
+    patch_size: side of the model's patches, for the length of the patch mask.
+    caption_weights: source -> weight of the per-sample draw for the synthetic caption (CLS2). TIPS:
+        {"spatial": 1.0}, the PaliGemma caption (Sec. 3.1). TIPSv2 alternates PaliGemma- and
+        Gemini-like captions (our ``spatial`` / ``detailed``); its project page gives no ratio, so its
+        recipes weigh them equally.
     alt_source: the caption aligned with CLS1 (noisy alt-text); samples without it use ``caption``.
-    context_length: "Our text encoder handles a maximum of 64 tokens" (App. A.4.3).
+
+    The training config's ``data`` section (``train.config.DataCfg``) extends this class: one
+    definition of every crop field and its default.
     """
 
     global_size: int = 224
@@ -57,28 +61,27 @@ class MultiCropConfig:
     flip: bool = True
     local_flip: bool = False
     flip_prob: float = 0.5
-    caption_weights: dict[str, float] = field(default_factory=lambda: {"spatial": 0.5, "detailed": 0.5})
+    caption_weights: dict[str, float] = field(default_factory=lambda: {"spatial": 1.0})
     alt_source: str = "alt"
-    context_length: int = 64
 
     def __post_init__(self) -> None:
         for name in ("global_size", "local_size"):
             size = getattr(self, name)
             if size <= 0 or size % self.patch_size:
                 raise ValueError(
-                    f"MultiCropConfig.{name} must be a positive multiple of {self.patch_size}, got {size}"
+                    f"{type(self).__name__}.{name} must be a positive multiple of {self.patch_size}, got {size}"
                 )
         for name in ("global_scale", "local_scale"):
             low, high = getattr(self, name)
             if not 0.0 < low <= high <= 1.0:
                 raise ValueError(
-                    f"MultiCropConfig.{name} must satisfy 0 < low <= high <= 1, got {(low, high)}"
+                    f"{type(self).__name__}.{name} must satisfy 0 < low <= high <= 1, got {(low, high)}"
                 )
         if self.num_local_crops < 0:
-            raise ValueError(f"MultiCropConfig.num_local_crops must be >= 0, got {self.num_local_crops}")
+            raise ValueError(f"{type(self).__name__}.num_local_crops must be >= 0, got {self.num_local_crops}")
         if self.alt_source not in CAPTION_SOURCES:
             raise ValueError(
-                f"MultiCropConfig.alt_source must be one of {CAPTION_SOURCES}, got {self.alt_source!r}"
+                f"{type(self).__name__}.alt_source must be one of {CAPTION_SOURCES}, got {self.alt_source!r}"
             )
 
     @classmethod
@@ -104,15 +107,21 @@ class MultiCropCollate:
       synthetic_source  list[str]     caption source drawn per sample
       alt_text, synthetic_text  list[str]  the captions as tokenised (after flip_caption)
       flipped           bool [B]      whether the global crop was mirrored
-    tokenize: texts -> LongTensor [B, L] (e.g. tipstorch.models.tokenizer.Tokenizer).
+    tokenize: texts -> LongTensor [B, L] (e.g. tipstorch.models.tokenizer.Tokenizer), L = context_length:
+    "Our text encoder handles a maximum of 64 tokens" (App. A.4.3).
     """
 
     def __init__(
-        self, config: MultiCropConfig, tokenize: Tokenize, generator: torch.Generator | None = None
+        self,
+        config: MultiCropConfig,
+        tokenize: Tokenize,
+        generator: torch.Generator | None = None,
+        context_length: int = 64,
     ) -> None:
         self.config = config
         self.tokenize = tokenize
         self.generator = generator
+        self.context_length = context_length
         others = tuple(s for s in CAPTION_SOURCES if s != config.alt_source)
         self.alt_sampler = CaptionSampler({config.alt_source: 1.0}, fallback=("caption", *others))
         self.synthetic_sampler = CaptionSampler(
@@ -170,7 +179,7 @@ class MultiCropCollate:
 
     def _tokens(self, texts: list[str]) -> torch.Tensor:
         tokens = self.tokenize(texts)
-        expected = (len(texts), self.config.context_length)
+        expected = (len(texts), self.context_length)
         if not isinstance(tokens, torch.Tensor) or tuple(tokens.shape) != expected:
             got = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
             raise ValueError(f"tokenize must return a LongTensor {list(expected)}, got {got}")

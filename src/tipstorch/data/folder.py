@@ -1,4 +1,4 @@
-"""A plain folder of images with captions, as SceneSample (image, captions, key, optional label).
+"""A plain folder of images with captions, as ImageTextSample (image, captions, key, optional label).
 
 Captions come from one file or from sidecar files:
 - ``captions.jsonl``: one object per line with the image path (field ``image``, ``file_name``,
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from tipstorch.data.scenes import SceneSample
+from tipstorch.data.sample import ImageTextSample
 from tipstorch.data.shards import CorruptSampleError, decode_sample
 from tipstorch.data.streams import ReadStats, epoch_share
 
@@ -139,7 +139,7 @@ class FolderDataset(torch.utils.data.IterableDataset):
     def __len__(self) -> int:
         return len(self.entries)
 
-    def __getitem__(self, index: int) -> SceneSample:
+    def __getitem__(self, index: int) -> ImageTextSample:
         entry = self.entries[index]
         try:
             return decode_sample(entry.key, entry.path, entry.meta)
@@ -149,7 +149,7 @@ class FolderDataset(torch.utils.data.IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __iter__(self) -> Iterator[SceneSample]:
+    def __iter__(self) -> Iterator[ImageTextSample]:
         indices = range(len(self.entries))
         for index in epoch_share(indices, self.shuffle, self.seed, self.epoch, self.rank, self.world_size):
             try:

@@ -7,7 +7,7 @@ mask, an instance mask, metric depth, surface normals and a scene-level label, a
 with each other by construction:
 
 - camera: orthographic, looking along +depth; the image width spans ``view_width_m`` metres, so
-  one pixel is ``view_width_m / W`` metres wide (``SceneSample.pixel_size``);
+  one pixel is ``view_width_m / W`` metres wide (``ImageTextSample.pixel_size``);
 - background: a floor plane whose depth grows linearly from the bottom row (near) to the top
   row (far); its normal is constant;
 - objects stand on the floor at the depth of their lowest row; objects whose silhouettes overlap
@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from tipstorch.data.sample import ImageTextSample
 from tipstorch.data.scene_captions import SceneCaptioner
 from tipstorch.data.streams import consumer_slot
 
@@ -171,35 +172,6 @@ class SceneObject:
 
 
 @dataclass
-class SceneSample:
-    """One image with its captions; dense fields are filled by the scenes generator only.
-
-    image: PIL RGB image, size (W, H).
-    captions: caption source -> text, sources among alt/object/spatial/detailed/caption.
-    class_mask: int64 [H, W], 0 = background, 1..C = index in ScenesDataset.class_names.
-    instance_mask: int64 [H, W], 0 = background, 1..K = instance id (1 = largest visible object).
-    depth: float32 [H, W], metres, > 0 (background = floor plane).
-    normals: float32 [H, W, 3], unit, camera axes x right, y up, z towards camera (z > 0).
-    label: scene-level class = shape of the object with the most visible pixels, index in
-        ScenesDataset.label_names (shard/folder samples: optional ``label`` field of their json).
-    key: identifier of the sample (``scenes-<seed>-<index>`` or the shard/folder key).
-    pixel_size: metres per pixel of the orthographic camera (scenes only).
-    objects: per-instance metadata, ordered by instance id (scenes only).
-    """
-
-    image: Image.Image
-    captions: dict[str, str]
-    class_mask: np.ndarray | None = None
-    instance_mask: np.ndarray | None = None
-    depth: np.ndarray | None = None
-    normals: np.ndarray | None = None
-    label: int | None = None
-    key: str = ""
-    pixel_size: float | None = None
-    objects: list[SceneObject] = field(default_factory=list)
-
-
-@dataclass
 class _Placed:
     """An object drawn into its bounding box: box (y0, y1, x0, x1) and per-pixel crops."""
 
@@ -302,7 +274,7 @@ def _value_noise(rng: np.random.Generator, cells: int, height: int, width: int) 
 
 
 class ScenesDataset(torch.utils.data.Dataset):
-    """Seeded procedural scenes: ``ds[i]`` (or ``ds.sample(i)`` for any i >= 0) is a SceneSample
+    """Seeded procedural scenes: ``ds[i]`` (or ``ds.sample(i)`` for any i >= 0) is a ImageTextSample
     that depends only on (config, i). ``length=None`` means unbounded: use ``sample(i)`` or
     ``ScenesStream`` (``len`` then raises).
     """
@@ -322,12 +294,12 @@ class ScenesDataset(torch.utils.data.Dataset):
             raise TypeError("ScenesDataset(length=None) is unbounded; use .sample(i) or ScenesStream")
         return self.length
 
-    def __getitem__(self, index: int) -> SceneSample:
+    def __getitem__(self, index: int) -> ImageTextSample:
         if self.length is not None and not -self.length <= index < self.length:
             raise IndexError(f"ScenesDataset index {index} out of range for length {self.length}")
         return self.sample(index % self.length if self.length else index)
 
-    def sample(self, index: int) -> SceneSample:
+    def sample(self, index: int) -> ImageTextSample:
         """Draw scene ``index`` (any int >= 0)."""
         if index < 0:
             raise IndexError(f"ScenesDataset.sample needs index >= 0, got {index}")
@@ -364,7 +336,7 @@ class ScenesDataset(torch.utils.data.Dataset):
 
         pixels = np.clip(image * 255.0 + 0.5, 0, 255).astype(np.uint8)
         captions = self.captioner(objects, floor["name"], floor["texture"], (height, width), rng)
-        return SceneSample(
+        return ImageTextSample(
             image=Image.fromarray(pixels, mode="RGB"),
             captions=captions,
             class_mask=class_mask,
@@ -395,7 +367,7 @@ class ScenesStream(torch.utils.data.IterableDataset):
         self.dataset = ScenesDataset(config)
         self.start, self.rank, self.world_size = start, rank, world_size
 
-    def __iter__(self) -> Iterator[SceneSample]:
+    def __iter__(self) -> Iterator[ImageTextSample]:
         slot, slots = consumer_slot(self.rank, self.world_size)
         index = self.start + slot
         while True:

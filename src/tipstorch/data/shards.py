@@ -26,7 +26,7 @@ from PIL import Image
 
 from tipstorch.data.captions import CAPTION_SOURCES, available_captions
 from tipstorch.data.records import ShardWriteSummary, write_record_shards
-from tipstorch.data.scenes import SceneSample
+from tipstorch.data.sample import ImageTextSample
 from tipstorch.data.streams import ReadStats, consumer_slot, epoch_share
 
 IMAGE_FORMATS: dict[str, str] = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
@@ -37,8 +37,8 @@ class CorruptSampleError(ValueError):
     """A sample that cannot be turned into an image with captions; the message says why."""
 
 
-def decode_sample(key: str, image: bytes | str | Path, meta: Mapping[str, object]) -> SceneSample:
-    """Image (encoded bytes or a file path) + metadata (caption fields, optional int label) -> SceneSample.
+def decode_sample(key: str, image: bytes | str | Path, meta: Mapping[str, object]) -> ImageTextSample:
+    """Image (encoded bytes or a file path) + metadata (caption fields, optional int label) -> ImageTextSample.
 
     Raises CorruptSampleError naming the problem; the image is fully decoded here, so a truncated
     file fails now rather than later in a worker.
@@ -54,7 +54,7 @@ def decode_sample(key: str, image: bytes | str | Path, meta: Mapping[str, object
     label = meta.get("label")
     if label is not None and (isinstance(label, bool) or not isinstance(label, int)):
         raise CorruptSampleError(f"label must be an integer, got {label!r}")
-    return SceneSample(image=rgb, captions=captions, label=label, key=key)
+    return ImageTextSample(image=rgb, captions=captions, label=label, key=key)
 
 
 def encode_image(image: Image.Image, image_format: str, quality: int = 95) -> bytes:
@@ -67,7 +67,7 @@ def encode_image(image: Image.Image, image_format: str, quality: int = 95) -> by
     return buffer.getvalue()
 
 
-def _record(sample: SceneSample, key: str, image_format: str, quality: int) -> dict[str, object]:
+def _record(sample: ImageTextSample, key: str, image_format: str, quality: int) -> dict[str, object]:
     meta: dict[str, object] = dict(available_captions(sample.captions))
     if not meta:
         raise ValueError(
@@ -83,7 +83,7 @@ def _record(sample: SceneSample, key: str, image_format: str, quality: int) -> d
 
 
 def write_shards(
-    samples: Iterable[SceneSample],
+    samples: Iterable[ImageTextSample],
     out_dir: str | Path,
     shard_size: int = 1000,
     image_format: str = "jpg",
@@ -129,12 +129,12 @@ def expand_shards(urls: str | Path | Sequence[str | Path]) -> list[str]:
     return expanded
 
 
-def _shuffle_buffer(items: Iterator[SceneSample], size: int, rng: random.Random) -> Iterator[SceneSample]:
+def _shuffle_buffer(items: Iterator[ImageTextSample], size: int, rng: random.Random) -> Iterator[ImageTextSample]:
     """Approximate shuffle through a buffer of ``size`` samples (size <= 1: unchanged order)."""
     if size <= 1:
         yield from items
         return
-    buffer: list[SceneSample] = []
+    buffer: list[ImageTextSample] = []
     for item in items:
         if len(buffer) < size:
             buffer.append(item)
@@ -147,7 +147,7 @@ def _shuffle_buffer(items: Iterator[SceneSample], size: int, rng: random.Random)
 
 
 class ShardDataset(torch.utils.data.IterableDataset):
-    """Samples (SceneSample with image, captions, key and optional label) from WebDataset shards.
+    """Samples (ImageTextSample with image, captions, key and optional label) from WebDataset shards.
 
     urls: directory, brace pattern or list (see ``expand_shards``).
     shuffle_buffer: size of the sample shuffle buffer (0 = shard order).
@@ -192,7 +192,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         self.stats.record_skip(str(exn.args[-1]) if exn.args else "?", f"unreadable shard data: {exn}")
         return True
 
-    def _decode(self, record: dict) -> SceneSample | None:
+    def _decode(self, record: dict) -> ImageTextSample | None:
         key = str(record.get("__key__", "?"))
         where = f"{record.get('__url__', '?')}:{key}"
         try:
@@ -217,7 +217,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         self.stats.record_read()
         return sample
 
-    def __iter__(self) -> Iterator[SceneSample]:
+    def __iter__(self) -> Iterator[ImageTextSample]:
         slot, _ = consumer_slot(self.rank, self.world_size)
         records = wds.tariterators.tarfile_samples(
             ({"url": u} for u in self._my_shards()), handler=self._on_shard_error

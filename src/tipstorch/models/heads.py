@@ -59,7 +59,12 @@ class ProjectionHead(nn.Module):
         return self.prototypes.out_features
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [..., D] -> prototype scores [..., K], each a cosine in [-1, 1]."""
-        embedding = F.normalize(self.mlp(tokens), dim=-1)
-        unit_prototypes = F.normalize(self.prototypes.weight, dim=-1)
-        return F.linear(embedding, unit_prototypes)
+        """tokens [..., D] -> prototype scores [..., K] in float32, each a cosine in [-1, 1].
+
+        The MLP follows any autocast; the scores do not: the losses sharpen them by temperatures of
+        0.04-0.1, and bf16 cosines (8 bits of mantissa) would blur the targets."""
+        embedding = self.mlp(tokens)
+        with torch.autocast(embedding.device.type, enabled=False):
+            unit_embedding = F.normalize(embedding.float(), dim=-1)
+            unit_prototypes = F.normalize(self.prototypes.weight.float(), dim=-1)
+            return F.linear(unit_embedding, unit_prototypes)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from tipstorch.data.collate import MultiCropConfig
 
 BASE_KEY = "base"
 
@@ -35,7 +38,8 @@ class ModelCfg:
     """The architecture and the starting weights. ``name`` is a registry name (``tipstorch.list_models()``)
     giving the architecture only; ``vision`` / ``text`` override fields of its VisionConfig / TextConfig
     (or give them all when ``name`` is None). ``init`` gives the weights to start from: None trains from
-    scratch, a registered name or checkpoint loads the backbone and text tower (heads start new)."""
+    scratch, a registered name or export loads the backbone and text tower (heads start new), a training
+    checkpoint ``.pt`` also its heads, EMA teacher and centres (see ``train/init.py``)."""
 
     name: str | None = "tips-tiny"
     vision: dict[str, Any] = field(default_factory=dict)
@@ -63,9 +67,10 @@ class HeadCfg:
 
 
 @dataclass
-class DataCfg:
-    """Training data and the multi-crop batch; crop / mask / caption fields carry the names of
-    ``tipstorch.data.collate.MultiCropConfig``."""
+class DataCfg(MultiCropConfig):
+    """Training data and the multi-crop batch. The crop, flip, mask and caption fields and their defaults
+    (the paper's: 1 global crop at 224, M = 6 local crops at 98, 75% masking, DINOv2's crop scales,
+    TIPS's captions) are those of ``tipstorch.data.collate.MultiCropConfig``, documented there."""
 
     source: str = "scenes"  # "scenes" (built-in procedural set) or a WebDataset shard pattern
     num_samples: int = 100_000  # images per epoch (scenes: how many are generated)
@@ -73,14 +78,6 @@ class DataCfg:
     scenes_size: int = 224  # scenes: side of the generated images the crops are cut from
     scenes_seed: int = 0  # scenes: which procedural scenes (the eval uses other seeds / indices)
     shuffle_buffer: int = 5000  # shards: sample shuffle buffer (not in the paper: open_clip's 5000)
-    global_size: int = 224  # 4.1: 1 global crop at 224
-    local_size: int = 98  # 4.1: local crops at 98
-    num_local_crops: int = 6  # 4.1: M = 6
-    global_scale: tuple[float, float] = (0.32, 1.0)  # not in the paper: DINOv2 default
-    local_scale: tuple[float, float] = (0.05, 0.32)  # not in the paper: DINOv2 default
-    mask_ratio: float = 0.75  # 3.2 / Table 11: random masking, 75%
-    alt_source: str = "alt"  # caption of the global CLS: noisy web alt-text (3.1)
-    caption_weights: dict[str, float] = field(default_factory=lambda: {"spatial": 1.0})  # CLS2 caption draw
 
 
 @dataclass
@@ -151,7 +148,7 @@ class LoopCfg:
     accumulation_steps: int = 1
     bf16: bool = True
     checkpoint_every: int = 1000  # steps between writes of last.pt (also written at the end and on SIGTERM/SIGINT)
-    keep_every: int = 0  # steps between permanent step-<N>.pt copies; 0 = none
+    keep_every: int = 0  # permanent step-<N>.pt at every multiple of it (also writes last.pt then); 0 = none
     log_every: int = 10
     out_dir: str = "runs/tips"
     seed: int = 0
@@ -161,7 +158,7 @@ class LoopCfg:
 @dataclass
 class EvalCfg:
     every: int = 0  # steps between evaluations; 0 = only before and after training
-    tasks: list[str] = field(default_factory=list)  # quick-eval tasks (tipstorch.eval.quick); empty = its default set
+    tasks: list[str] = field(default_factory=list)  # quick-eval tasks (e.g. knn, seg-probe; tipstorch.eval.quick); empty = its default set
     quick: bool = False  # run tipstorch.eval.quick (scenes zero-shot / retrieval / probes) before and after training
 
 
@@ -224,13 +221,59 @@ def resolve_config(name_or_path: str | Path) -> Path:
     raise ConfigError(f"config {name_or_path}: no such file, nor a shipped recipe (shipped: {', '.join(shipped_configs())})")
 
 
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainCfg:
-    """Read a YAML recipe (following ``base:`` files), apply ``a.b=c`` overrides, return a checked TrainCfg."""
+def load_config(
+    path: str | Path, overrides: list[str] | tuple[str, ...] = (), check_starting_steps: bool = True
+) -> TrainCfg:
+    """Read a YAML recipe (following ``base:`` files), apply ``a.b=c`` overrides, return a checked TrainCfg
+    (see ``check_starting_steps`` for the check of a starting ``step-<N>.pt`` that does not exist yet)."""
     path = Path(path)
     raw = _read_with_bases(path, seen=())
     for override in overrides:
         _apply_override(raw, override)
-    return _build(TrainCfg, raw, where=f"config {path} (with its bases and --set overrides)")
+    where = f"config {path} (with its bases and --set overrides)"
+    cfg = _build(TrainCfg, raw, where=where)
+    if check_starting_steps:
+        _check_starting_steps(cfg, where)
+    return cfg
+
+
+def _producing_run(run_dir: Path) -> tuple[TrainCfg, str] | None:
+    """The config of the run writing to ``run_dir``: its ``config.yaml`` when it has started, else the
+    shipped recipe whose ``loop.out_dir`` it is (None when neither is known)."""
+    written = run_dir / "config.yaml"
+    if written.is_file():
+        return load_config(written, check_starting_steps=False), str(written)
+    for name in shipped_configs():
+        shipped = shipped_configs_dir() / f"{name}.yaml"
+        candidate = load_config(shipped, check_starting_steps=False)
+        if Path(candidate.loop.out_dir) == run_dir:
+            return candidate, f"shipped recipe {name}"
+    return None
+
+
+def _check_starting_steps(cfg: TrainCfg, where: str) -> None:
+    """A ``model.init`` / ``teacher.frozen_model`` naming ``<run>/step-<N>.pt`` that does not exist yet
+    (a later stage planned before its first stage has run, like tips_hr_finetune.yaml) must name a step
+    that run keeps: a multiple of its ``loop.keep_every``, at most its ``loop.steps``."""
+    for key, source in (("model.init", cfg.model.init), ("teacher.frozen_model", cfg.teacher.frozen_model)):
+        match = re.fullmatch(r"step-(\d+)\.pt", Path(source).name) if source else None
+        if match is None or Path(source).exists():
+            continue
+        run = _producing_run(Path(source).parent)
+        if run is None:
+            continue
+        (producer, described), step = run, int(match[1])
+        keep, steps = producer.loop.keep_every, producer.loop.steps
+        if not keep or step % keep or step > steps:
+            kept = (
+                f"keeps step-<N>.pt at multiples of loop.keep_every = {keep} up to step {steps}"
+                if keep
+                else "keeps none (loop.keep_every = 0)"
+            )
+            raise ConfigError(
+                f"{where}: {key} {source} can never exist: the run writing to {Path(source).parent} "
+                f"({described}) {kept}"
+            )
 
 
 def config_from_dict(
@@ -324,7 +367,7 @@ def _build(cls: Any, raw: Any, where: str, prefix: str = "") -> Any:
         values[key] = _convert(hints[key], value, where, f"{prefix}{key}")
     try:
         return cls(**values)
-    except ConfigError as error:
+    except ValueError as error:  # ConfigError, or the checks of a section such as DataCfg's crop sizes
         raise ConfigError(f"{where}: {error}") from None
 
 

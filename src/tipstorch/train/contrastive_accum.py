@@ -14,13 +14,15 @@ of a micro-batch must be equal.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import torch
 
+from tipstorch.train.outputs import ContrastiveEmbeddings
+
 MicroBatch = TypeVar("MicroBatch")
-Embeddings = dict[str, torch.Tensor]
 Parts = dict[str, torch.Tensor]
 
 
@@ -34,12 +36,15 @@ def split_batch(batch: Mapping[str, Any], count: int) -> list[dict[str, Any]]:
     return [{key: value[i * rows : (i + 1) * rows] for key, value in batch.items()} for i in range(count)]
 
 
-def splice(cache: Sequence[Mapping[str, torch.Tensor]], index: int, current: Mapping[str, torch.Tensor]) -> Embeddings:
-    """Concatenate the cached micro-batch embeddings [b_i, D] along dim 0, with entry ``index`` replaced."""
-    return {
-        key: torch.cat([current[key] if i == index else entry[key] for i, entry in enumerate(cache)], dim=0)
-        for key in current
-    }
+def splice(cache: Sequence[ContrastiveEmbeddings], index: int, current: ContrastiveEmbeddings) -> ContrastiveEmbeddings:
+    """The cached micro-batch embeddings [b_i, D] concatenated along dim 0, with entry ``index`` replaced
+    by ``current`` (the same micro-batch computed with grad)."""
+    joined = {}
+    for field in dataclasses.fields(current):
+        if getattr(current, field.name) is not None:
+            pieces = [getattr(current if i == index else entry, field.name) for i, entry in enumerate(cache)]
+            joined[field.name] = torch.cat(pieces, dim=0)
+    return ContrastiveEmbeddings(**joined)
 
 
 def scale_gradient(tensor: torch.Tensor, scale: float) -> torch.Tensor:
@@ -49,9 +54,9 @@ def scale_gradient(tensor: torch.Tensor, scale: float) -> torch.Tensor:
 
 def accumulate_gradients(
     micro_batches: Sequence[MicroBatch],
-    embed: Callable[[MicroBatch], Embeddings],
-    forward: Callable[[MicroBatch], tuple[Embeddings, Parts]],
-    contrastive: Callable[[Embeddings, torch.Tensor], Parts],
+    embed: Callable[[MicroBatch], ContrastiveEmbeddings],
+    forward: Callable[[MicroBatch], tuple[ContrastiveEmbeddings, Parts]],
+    contrastive: Callable[[ContrastiveEmbeddings, torch.Tensor], Parts],
     total: Callable[[Mapping[str, torch.Tensor]], torch.Tensor],
     temperature: torch.Tensor,
     autocast_dtype: torch.dtype | None = None,
@@ -61,7 +66,7 @@ def accumulate_gradients(
 
     Args:
         micro_batches: the K micro-batches of the step.
-        embed: micro-batch -> contrastive embeddings {name: [b, D]} (run under no_grad to build the cache;
+        embed: micro-batch -> contrastive embeddings, [b, D] each (run under no_grad to build the cache;
             skipped when K = 1).
         forward: micro-batch -> (the same embeddings computed with grad, per-sample loss parts of the
             micro-batch, each a mean over its samples).
@@ -83,7 +88,7 @@ def accumulate_gradients(
             return contextlib.nullcontext()
         return torch.autocast(device_type, dtype=autocast_dtype)
 
-    cache: list[Embeddings] = []
+    cache: list[ContrastiveEmbeddings] = []
     if count > 1:
         with torch.no_grad(), autocast():
             cache = [embed(micro_batch) for micro_batch in micro_batches]

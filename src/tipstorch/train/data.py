@@ -28,8 +28,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from tipstorch.data.collate import MultiCropCollate, MultiCropConfig, Tokenize
-from tipstorch.data.scenes import SceneSample, ScenesConfig, ScenesDataset
+from tipstorch.data.collate import MultiCropCollate, Tokenize
+from tipstorch.data.sample import ImageTextSample
+from tipstorch.data.scenes import ScenesConfig, ScenesDataset
 from tipstorch.data.shards import ShardDataset
 from tipstorch.train.config import DataCfg
 
@@ -50,15 +51,10 @@ class BatchCollator:
     """Samples -> the training batch of one step (tensors of ``BATCH_KEYS`` only; see ``MultiCropCollate``)."""
 
     def __init__(self, cfg: DataCfg, tokenize: Tokenize, context_length: int, seed: int, rank: int) -> None:
-        crops = MultiCropConfig(
-            global_size=cfg.global_size, local_size=cfg.local_size, num_local_crops=cfg.num_local_crops,
-            global_scale=cfg.global_scale, local_scale=cfg.local_scale, mask_ratio=cfg.mask_ratio,
-            caption_weights=cfg.caption_weights, alt_source=cfg.alt_source, context_length=context_length,
-        )
-        self.collate = MultiCropCollate(crops, tokenize)
+        self.collate = MultiCropCollate(cfg, tokenize, context_length=context_length)  # DataCfg is a MultiCropConfig
         self.seed, self.rank = seed, rank
 
-    def __call__(self, samples: list[SceneSample], step: int) -> dict[str, torch.Tensor]:
+    def __call__(self, samples: list[ImageTextSample], step: int) -> dict[str, torch.Tensor]:
         self.collate.generator = batch_generator(self.seed, step, self.rank)
         batch = self.collate(samples)
         return {key: batch[key] for key in BATCH_KEYS}
@@ -97,7 +93,7 @@ class ShardBatches(IterableDataset):
         )
         self.collator, self.local_batch, self.start_step = collator, local_batch, start_step
 
-    def _samples(self) -> Iterator[SceneSample]:
+    def _samples(self) -> Iterator[ImageTextSample]:
         for epoch in itertools.count():
             self.reader.set_epoch(epoch)
             yielded = 0

@@ -1,16 +1,17 @@
 """The training loop: orders the calls of one optimiser step, logs, checkpoints and resumes.
 
-It holds no loss maths: the passes live in ``student.py``, the losses in ``losses.py``, the contrastive
-accumulation in ``contrastive_accum.py``, the schedules in ``schedules.py``. A variant (CLIP-only, TIPS,
-TIPSv2, distillation from a frozen teacher) is a config, never a branch here.
+It holds no loss maths: one whole step is ``step.py`` (the passes in ``student.py`` and ``teacher.py``,
+the losses in ``losses.py``, the contrastive accumulation in ``contrastive_accum.py``, the schedules in
+``schedules.py``). A variant (CLIP-only, TIPS, TIPSv2, distillation from a frozen teacher) is a config,
+never a branch here.
 
-One step (``Trainer.train_step``): scheduled lr / weight decay -> forward + backward over the
+One step (``Trainer.train_step``): scheduled lr / weight decay -> ``step.forward_backward`` over the
 micro-batches (bf16 autocast when ``loop.bf16``) -> gradient clipping -> stop if the loss or the gradient
-is not finite (nothing updated, no checkpoint written) -> centre update, optimiser step, temperature
-clamp, teacher EMA update.
+is not finite (nothing updated, no checkpoint written) -> ``step.update``: centres, optimiser step,
+temperature clamp, teacher EMA.
 
 Outputs in ``out_dir``: ``config.yaml``, ``log.jsonl`` (every ``loop.log_every`` steps), ``tensorboard/``,
-``last.pt`` / ``previous.pt`` / ``step-<N>.pt`` (see ``checkpoint.py``), ``final.safetensors`` (the
+``last.pt`` / ``previous.pt`` / ``step-<N>.pt`` (see ``run_state.py``), ``final.safetensors`` (the
 student's model, for ``tipstorch.load_model``; the EMA teacher has no text tower, so the student is the
 image-text model).
 """
@@ -34,21 +35,26 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from tipstorch.checkpoints import save_model
-from tipstorch.factory import get_tokenizer
 from tipstorch.models.tips import TIPSConfig, TIPSModel
 from tipstorch.models.tokenizer import Tokenizer
-from tipstorch.train.checkpoint import FINAL, LAST, StopOnSignal, rng_state, save_checkpoint, set_rng_state
 from tipstorch.train.config import ConfigError, TrainCfg, dump_config
-from tipstorch.train.contrastive_accum import accumulate_gradients, split_batch
 from tipstorch.train.data import SCENES, training_batches
 from tipstorch.train.distributed import DistributedContext, any_rank, gather_rows, setup_distributed
-from tipstorch.train.init import build_model, build_teacher, load_heads, trainable
+from tipstorch.train.init import (
+    build_model,
+    build_teacher,
+    continue_teacher_and_centres,
+    load_heads,
+    trainable,
+)
 from tipstorch.train.losses import TIPSLoss
 from tipstorch.train.optim import build_optimizer, clip_gradients, set_hyperparams
-from tipstorch.train.schedules import ScheduleValues, TrainingSchedules
-from tipstorch.train.student import TIPSStudent, self_supervised_parts
-from tipstorch.train.teacher import FrozenTeacher
+from tipstorch.train.run_state import FINAL, LAST, StopOnSignal, rng_state, save_checkpoint, set_rng_state
+from tipstorch.train.schedules import TrainingSchedules
+from tipstorch.train.step import forward_backward, update
+from tipstorch.train.student import TIPSStudent
+from tipstorch.train.teacher import Teacher
+from tipstorch.weights.tipstorch_file import save_model
 
 logger = logging.getLogger("tipstorch.train")
 
@@ -114,8 +120,10 @@ class Trainer:
 
     Args:
         cfg: the recipe.
+        tokenizer_for: model -> its tokenizer (e.g. ``tipstorch.get_tokenizer``), called on first use (the
+            official tokenizer may need a download).
         out_dir: where logs and checkpoints go (default ``cfg.loop.out_dir``).
-        resume: a state read by ``checkpoint.load_checkpoint``; the model is rebuilt from its saved
+        resume: a state read by ``run_state.load_checkpoint``; the model is rebuilt from its saved
             architecture (``model.init`` is not loaded again) and every state restored.
         evaluate: (model, tokenizer) -> metrics, run on rank 0 before training (fresh runs), every
             ``eval.every`` steps and after training.
@@ -125,12 +133,13 @@ class Trainer:
     def __init__(
         self,
         cfg: TrainCfg,
+        tokenizer_for: Callable[[TIPSModel], Tokenizer],
         out_dir: str | Path | None = None,
         resume: Mapping[str, Any] | None = None,
         evaluate: Evaluate | None = None,
         context: DistributedContext | None = None,
     ) -> None:
-        self.cfg, self.evaluate = cfg, evaluate
+        self.cfg, self.evaluate, self.tokenizer_for = cfg, evaluate, tokenizer_for
         self.out_dir = Path(out_dir if out_dir is not None else cfg.loop.out_dir)
         self.context = context or setup_distributed()
         loop, world = cfg.loop, self.context.world_size
@@ -151,10 +160,11 @@ class Trainer:
         self.student = TIPSStudent(model, cfg.heads, cfg.loss)
         self.loaded_heads = load_heads(self.student, start)
         self.student.to(self.context.device)
-        self.teacher = build_teacher(cfg, self.student)
+        self.teacher: Teacher | None = build_teacher(cfg, self.student)
         if self.teacher is not None:
             self.teacher.to(self.context.device)
         self.loss = TIPSLoss(cfg.loss, cfg.heads.num_prototypes).to(self.context.device)
+        self.continued = continue_teacher_and_centres(start, self.teacher, self.loss)
         self.optimizer = build_optimizer(self.student.named_parameters(), cfg.optim)
         self.schedules = TrainingSchedules(cfg.schedule, cfg.optim, loop.steps)
         self.ddp = (
@@ -170,17 +180,9 @@ class Trainer:
     @functools.cached_property
     def tokenizer(self) -> Tokenizer:
         """The model's tokenizer (loaded on first use: the official one may need a download)."""
-        return get_tokenizer(self.model)
+        return self.tokenizer_for(self.model)
 
     # ------------------------------------------------------------------------------------------ state
-
-    def _teacher_state(self) -> dict[str, torch.Tensor]:
-        if self.teacher is None:
-            return {}
-        state = self.teacher.state_dict()
-        if isinstance(self.teacher, FrozenTeacher):  # the backbone is reloaded from teacher.frozen_model
-            state = {key: value for key, value in state.items() if not key.startswith("parts.backbone.")}
-        return state
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs (a collective call: every rank must call it)."""
@@ -188,7 +190,7 @@ class Trainer:
             "step": self.step,
             "model_config": self.model.config.to_dict(),
             "student": self.student.state_dict(),
-            "teacher": self._teacher_state(),
+            "teacher": self.teacher.training_state() if self.teacher is not None else {},
             "loss": self.loss.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "rng": rng_state(lambda tensor: gather_rows(tensor, self.context.device)),
@@ -201,11 +203,7 @@ class Trainer:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.student.load_state_dict(state["student"])
         if self.teacher is not None:
-            missing, unexpected = self.teacher.load_state_dict(state["teacher"], strict=False)
-            frozen_backbone = isinstance(self.teacher, FrozenTeacher)
-            missing = [key for key in missing if not (frozen_backbone and key.startswith("parts.backbone."))]
-            if missing or unexpected:
-                raise ConfigError(f"checkpoint teacher does not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
+            self.teacher.load_training_state(state["teacher"])
         self.loss.load_state_dict(state["loss"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
@@ -229,26 +227,15 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ step
 
-    def _forward(self, micro_batch: Mapping[str, Any], values: ScheduleValues):
-        outputs = self.ddp(micro_batch)
-        parts = self_supervised_parts(self.student, self.teacher, self.loss, outputs, micro_batch, values)
-        return outputs["embeddings"], parts
-
     def train_step(self, batch: Mapping[str, torch.Tensor]) -> dict[str, float]:
-        """One optimiser step on this rank's batch; returns the loss parts and step statistics."""
+        """One optimiser step on this rank's batch (``step.py``); returns the loss parts and step statistics."""
         cfg, values = self.cfg, self.schedules.at(self.step)
         set_hyperparams(self.optimizer, values.lr, values.weight_decay)
         self.optimizer.zero_grad(set_to_none=True)
         batch = {key: value.to(self.context.device, non_blocking=True) for key, value in batch.items()}
-        parts = accumulate_gradients(
-            split_batch(batch, cfg.loop.accumulation_steps),
-            embed=self.student.embed,
-            forward=lambda micro_batch: self._forward(micro_batch, values),
-            contrastive=self.loss.contrastive_parts,
-            total=self.loss.total,
-            temperature=self.model.temperature,
-            autocast_dtype=torch.bfloat16 if cfg.loop.bf16 else None,
-            no_sync=getattr(self.ddp, "no_sync", None),
+        parts = forward_backward(
+            self.student, self.teacher, self.loss, batch, values, cfg.loop.accumulation_steps,
+            autocast_dtype=torch.bfloat16 if cfg.loop.bf16 else None, student_pass=self.ddp,
         )
         grad_norm = clip_gradients(self.student.parameters(), cfg.optim.grad_clip_norm)
         finite = bool(torch.isfinite(parts["total"])) and bool(torch.isfinite(grad_norm))
@@ -260,12 +247,7 @@ class Trainer:
                 f"non-finite loss or gradient at step {self.step} ({shown}, grad_norm={float(grad_norm):.4g}); "
                 f"stopped before updating, {kept}. Lower optim.lr, enable optim.grad_clip_norm or check the data."
             )
-        self.loss.step_centers()
-        self.optimizer.step()
-        with torch.no_grad():
-            self.model.temperature.clamp_(min=cfg.loss.min_temperature)
-        if self.teacher is not None:
-            self.teacher.update(self.student.parts(), values.teacher_momentum)
+        update(self.student, self.teacher, self.loss, self.optimizer, values, cfg.loss.min_temperature)
         self.step += 1
         return {name: float(value) for name, value in parts.items()} | {
             "grad_norm": float(grad_norm), "lr": values.lr, "temperature": self.model.temperature.item(),
@@ -328,8 +310,8 @@ class Trainer:
                         result.status, result.signal_name = "interrupted", stop.requested or "signal on another rank"
                         result.signal_number, result.step = stop.signal_number, self.step
                         return result
-                    if self.step % loop.checkpoint_every == 0 or self.step == loop.steps:
-                        keep = bool(loop.keep_every) and self.step % loop.keep_every == 0
+                    keep = bool(loop.keep_every) and self.step % loop.keep_every == 0  # any checkpoint_every
+                    if keep or self.step % loop.checkpoint_every == 0 or self.step == loop.steps:
                         result.checkpoint, saved_step = self.save(keep=keep), self.step
             result.step = self.step
             progress.close()

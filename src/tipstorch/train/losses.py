@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tipstorch.train.config import LossCfg
+from tipstorch.train.outputs import ContrastiveEmbeddings, StudentOutputs, TeacherScores
 
 CLIP_GLOBAL = "clip_global"
 CLIP_SPATIAL = "clip_spatial"
@@ -79,14 +80,15 @@ class ContrastiveLoss(nn.Module):
                 f"ContrastiveLoss expects image and text embeddings of the same shape [b, D], "
                 f"got {tuple(image_emb.shape)} and {tuple(text_emb.shape)}"
             )
-        image = F.normalize(image_emb.float(), dim=-1)
-        text = F.normalize(text_emb.float(), dim=-1)
-        rank, _ = _rank_and_world()
-        all_image, all_text = gather_with_grad(image), gather_with_grad(text)
-        targets = torch.arange(image.shape[0], device=image.device) + rank * image.shape[0]
-        image_to_text = image @ all_text.T / temperature
-        text_to_image = text @ all_image.T / temperature
-        return 0.5 * (F.cross_entropy(image_to_text, targets) + F.cross_entropy(text_to_image, targets))
+        with torch.autocast(image_emb.device.type, enabled=False):  # float32 logits whatever the autocast
+            image = F.normalize(image_emb.float(), dim=-1)
+            text = F.normalize(text_emb.float(), dim=-1)
+            rank, _ = _rank_and_world()
+            all_image, all_text = gather_with_grad(image), gather_with_grad(text)
+            targets = torch.arange(image.shape[0], device=image.device) + rank * image.shape[0]
+            image_to_text = image @ all_text.T / temperature.float()
+            text_to_image = text @ all_image.T / temperature.float()
+            return 0.5 * (F.cross_entropy(image_to_text, targets) + F.cross_entropy(text_to_image, targets))
 
 
 class ScoreCentering(nn.Module):
@@ -131,23 +133,27 @@ def _cross_entropy(teacher_probs: torch.Tensor, student_scores: torch.Tensor, st
     return -(teacher_probs * F.log_softmax(student_scores.float() / student_temp, dim=-1)).sum(dim=-1)
 
 
-class DINOLoss(nn.Module):
-    """Self-distillation on CLS tokens (paper Eq. 1): every local crop of an image predicts the centred,
-    sharpened teacher distribution of that image's single global crop.
-
-    The loss is the mean over the B*M (image, local crop) pairs, so its scale does not depend on M.
-    """
+class _SelfDistillationLoss(nn.Module):
+    """A student matching the centred, sharpened distributions of the teacher (DINO and iBOT alike)."""
 
     def __init__(self, num_prototypes: int, student_temp: float, center_momentum: float) -> None:
         super().__init__()
         self.student_temp = student_temp
         self.centering = ScoreCentering(num_prototypes, center_momentum)
 
-    def teacher_targets(self, teacher_global_scores: torch.Tensor, teacher_temp: float) -> torch.Tensor:
-        """teacher_global_scores [B, K] -> target probabilities [B, K]; records the scores for centering."""
-        targets = self.centering.probabilities(teacher_global_scores, teacher_temp)
-        self.centering.accumulate(teacher_global_scores)
+    def teacher_targets(self, teacher_scores: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+        """teacher_scores [..., K] -> target probabilities [..., K]; records every row for the centre."""
+        targets = self.centering.probabilities(teacher_scores, teacher_temp)
+        self.centering.accumulate(teacher_scores)
         return targets
+
+
+class DINOLoss(_SelfDistillationLoss):
+    """Self-distillation on CLS tokens (paper Eq. 1): every local crop of an image predicts the centred,
+    sharpened teacher distribution of that image's single global crop (teacher scores [B, K]).
+
+    The loss is the mean over the B*M (image, local crop) pairs, so its scale does not depend on M.
+    """
 
     def forward(self, student_local_scores: torch.Tensor, teacher_targets: torch.Tensor) -> torch.Tensor:
         """student_local_scores [B*M, K] (image-major: row b*M + m is crop m of image b),
@@ -161,27 +167,20 @@ class DINOLoss(nn.Module):
         return _cross_entropy(teacher_targets.unsqueeze(1), student, self.student_temp).mean()
 
 
-class IBOTPatchLoss(nn.Module):
+class IBOTPatchLoss(_SelfDistillationLoss):
     """Masked image modelling on patch tokens (paper Eq. 2), and iBOT++ (TIPSv2) with ``all_tokens=True``.
 
     Each image's loss is the mean over its supervised tokens and the batch loss the mean over images
     (DINOv2 weights each masked token by 1 / masked count of its image). Supervised tokens are the masked
     ones for iBOT; for iBOT++ they are all N tokens, so each token, visible or masked, weighs 1/N and the
     visible tokens carry the fraction (1 - mask ratio) of the image's loss. An image with no supervised
-    token contributes 0 and still counts in the batch mean.
+    token contributes 0 and still counts in the batch mean. Teacher scores [B, N, K] come from the
+    unmasked view; every token counts in the centre.
     """
 
     def __init__(self, num_prototypes: int, student_temp: float, center_momentum: float, all_tokens: bool) -> None:
-        super().__init__()
-        self.student_temp = student_temp
+        super().__init__(num_prototypes, student_temp, center_momentum)
         self.all_tokens = all_tokens
-        self.centering = ScoreCentering(num_prototypes, center_momentum)
-
-    def teacher_targets(self, teacher_patch_scores: torch.Tensor, teacher_temp: float) -> torch.Tensor:
-        """teacher_patch_scores [B, N, K] (unmasked view) -> targets [B, N, K]; records all tokens for centering."""
-        targets = self.centering.probabilities(teacher_patch_scores, teacher_temp)
-        self.centering.accumulate(teacher_patch_scores)
-        return targets
 
     def forward(
         self, student_patch_scores: torch.Tensor, teacher_targets: torch.Tensor, patch_mask: torch.Tensor
@@ -246,43 +245,45 @@ class TIPSLoss(nn.Module):
         )
         self.koleo = KoLeoLoss() if KOLEO in self.weights else None
 
-    def contrastive_parts(self, embeddings: Mapping[str, torch.Tensor], temperature: torch.Tensor) -> dict[str, torch.Tensor]:
-        """embeddings: ``global_cls`` / ``alt_text`` and ``spatial_cls`` / ``synthetic_text``, each [b, D]."""
-        pairs = {CLIP_GLOBAL: ("global_cls", "alt_text"), CLIP_SPATIAL: ("spatial_cls", "synthetic_text")}
-        return {
-            name: self.contrastive(embeddings[image_key], embeddings[text_key], temperature)
-            for name, (image_key, text_key) in pairs.items()
-            if name in self.weights
+    def contrastive_parts(self, embeddings: ContrastiveEmbeddings, temperature: torch.Tensor) -> dict[str, torch.Tensor]:
+        """CLS1 / alt-text and CLS2 / synthetic-caption pairs, [b, D] each -> the enabled contrastive parts."""
+        pairs = {
+            CLIP_GLOBAL: (embeddings.global_cls, embeddings.alt_text),
+            CLIP_SPATIAL: (embeddings.spatial_cls, embeddings.synthetic_text),
         }
+        parts = {}
+        for name, (image, text) in pairs.items():
+            if name in self.weights:
+                _require(name, image_embeddings=image, text_embeddings=text)
+                parts[name] = self.contrastive(image, text, temperature)
+        return parts
 
     def self_supervised_parts(
         self,
-        *,
-        student_local_scores: torch.Tensor | None = None,
-        teacher_global_scores: torch.Tensor | None = None,
-        dino_teacher_temp: float | None = None,
-        student_patch_scores: torch.Tensor | None = None,
-        teacher_patch_scores: torch.Tensor | None = None,
-        patch_mask: torch.Tensor | None = None,
-        ibot_teacher_temp: float | None = None,
-        student_cls: torch.Tensor | None = None,
+        student: StudentOutputs,
+        teacher: TeacherScores | None,
+        patch_mask: torch.Tensor,
+        dino_teacher_temp: float,
+        ibot_teacher_temp: float,
     ) -> dict[str, torch.Tensor]:
-        """Scores as documented in ``DINOLoss`` / ``IBOTPatchLoss``; student_cls [B, D] for KoLeo.
-        Inputs of a disabled term may be omitted; those of an enabled term are required."""
+        """The DINO / iBOT / KoLeo parts of one micro-batch (each a mean over its samples): student and
+        teacher scores as in ``StudentOutputs`` / ``TeacherScores``, patch_mask bool [b, N] (True = masked
+        for the student). The values of a disabled term may be None; those of an enabled term are required."""
+        teacher = teacher if teacher is not None else TeacherScores()
         parts: dict[str, torch.Tensor] = {}
         if self.dino is not None:
-            _require(DINO, student_local_scores=student_local_scores, teacher_global_scores=teacher_global_scores,
-                     dino_teacher_temp=dino_teacher_temp)
-            targets = self.dino.teacher_targets(teacher_global_scores, dino_teacher_temp)
-            parts[DINO] = self.dino(student_local_scores, targets)
+            _require(DINO, **{"student.local_scores": student.local_scores,
+                              "teacher.global_scores": teacher.global_scores})
+            targets = self.dino.teacher_targets(teacher.global_scores, dino_teacher_temp)
+            parts[DINO] = self.dino(student.local_scores, targets)
         if self.ibot is not None:
-            _require(IBOT, student_patch_scores=student_patch_scores, teacher_patch_scores=teacher_patch_scores,
-                     patch_mask=patch_mask, ibot_teacher_temp=ibot_teacher_temp)
-            targets = self.ibot.teacher_targets(teacher_patch_scores, ibot_teacher_temp)
-            parts[IBOT] = self.ibot(student_patch_scores, targets, patch_mask)
+            _require(IBOT, **{"student.patch_scores": student.patch_scores,
+                              "teacher.patch_scores": teacher.patch_scores})
+            targets = self.ibot.teacher_targets(teacher.patch_scores, ibot_teacher_temp)
+            parts[IBOT] = self.ibot(student.patch_scores, targets, patch_mask)
         if self.koleo is not None:
-            _require(KOLEO, student_cls=student_cls)
-            parts[KOLEO] = self.koleo(student_cls)
+            _require(KOLEO, **{"student.koleo_cls": student.koleo_cls})
+            parts[KOLEO] = self.koleo(student.koleo_cls)
         return parts
 
     def total(self, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:

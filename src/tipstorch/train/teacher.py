@@ -5,26 +5,69 @@
   student's backbone module (shared, not copied, not in the teacher's state_dict).
 - ``FrozenTeacher`` (appendix A.1 distillation): fixed pretrained parts, never updated.
 
-The teacher needs no text tower. Call its parts under ``torch.no_grad()``: its own parameters never
-require gradients, and a shared backbone run without grad passes none to the student. Pass the
-unwrapped student modules (not the DDP wrapper) to the constructor and to ``update``.
+All three follow the ``Teacher`` protocol the training step uses. The teacher needs no text tower. Its
+parameters never require gradients, and ``scores`` runs without grad, so a shared backbone passes
+none to the student. Pass the unwrapped student modules (not the DDP wrapper) to the constructor and
+to ``update``.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 from torch import nn
 
+from tipstorch.models.vit import ImageFeatures
+from tipstorch.train.config import ConfigError
+from tipstorch.train.outputs import TeacherScores
+
 BACKBONE = "backbone"
+DINO_HEAD = "dino_head"
+IBOT_HEAD = "ibot_head"
+
+
+class Teacher(Protocol):
+    """What the training step and the loop ask of a teacher."""
+
+    def scores(self, global_crop: torch.Tensor, student_unmasked: ImageFeatures | None) -> TeacherScores:
+        """global_crop [b, 3, G, G] (unmasked) -> the prototype scores of the enabled heads;
+        ``student_unmasked`` is the student's detached unmasked pass of that crop, when it ran."""
+
+    def update(self, student_parts: Mapping[str, nn.Module], momentum: float) -> None:
+        """Follow the student after an optimiser step (EMA with ``momentum``; nothing for a fixed teacher)."""
+
+    def training_state(self) -> dict[str, torch.Tensor]:
+        """The tensors a training checkpoint keeps of the teacher."""
+
+    def load_training_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Restore ``training_state``; a state that does not fit is an error naming its keys."""
+
+    def to(self, device: torch.device | str) -> Teacher: ...
 
 
 def _frozen_copy(module: nn.Module) -> nn.Module:
     clone = copy.deepcopy(module)
     return clone.requires_grad_(False)
+
+
+def _head_scores(teacher: EMATeacher | FrozenTeacher, features: ImageFeatures) -> TeacherScores:
+    """The scores of the heads the teacher holds (one per enabled self-distillation term)."""
+    dino = teacher[DINO_HEAD](features.global_cls) if teacher.has(DINO_HEAD) else None
+    ibot = teacher[IBOT_HEAD](features.flat) if teacher.has(IBOT_HEAD) else None
+    return TeacherScores(global_scores=dino, patch_scores=ibot)
+
+
+def _load_checked(module: nn.Module, state: Mapping[str, torch.Tensor], not_saved: str | None = None) -> None:
+    """Load ``state`` into ``module``; keys under ``not_saved`` are not part of a saved state."""
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    missing = [key for key in missing if not (not_saved and key.startswith(not_saved))]
+    if missing or unexpected:
+        raise ConfigError(
+            f"checkpoint teacher does not fit: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
 
 
 class EMATeacher(nn.Module):
@@ -55,9 +98,24 @@ class EMATeacher(nn.Module):
             return self._shared[name]
         return self.ema_parts[name]
 
+    def has(self, name: str) -> bool:
+        return name in self._shared or name in self.ema_parts
+
     def train(self, mode: bool = True) -> EMATeacher:
         """The EMA copies always stay in eval mode (no dropout / drop-path in the teacher)."""
         return self
+
+    @torch.no_grad()
+    def scores(self, global_crop: torch.Tensor, student_unmasked: ImageFeatures | None) -> TeacherScores:
+        """See ``Teacher.scores``. A head-only teacher's backbone is the student's: its features are then
+        the student's unmasked pass when it ran (no extra pass), else that backbone runs here (in the
+        student's mode, train: with ``drop_path_rate`` 0, as in every shipped recipe, train and eval modes
+        compute the same features)."""
+        if self.mode == "heads" and student_unmasked is not None:
+            features = student_unmasked
+        else:
+            features = self[BACKBONE].forward_features(global_crop)
+        return _head_scores(self, features)
 
     @torch.no_grad()
     def update(self, student_parts: Mapping[str, nn.Module], momentum: float) -> None:
@@ -71,18 +129,29 @@ class EMATeacher(nn.Module):
                 raise ValueError(f"EMATeacher.update: parameters of part '{name}' differ from the student's")
             teacher_params += list(teacher_named.values())
             student_params += [student_named[key].detach() for key in teacher_named]
-            for teacher_buffer, student_buffer in zip(teacher_part.buffers(), student_part.buffers(), strict=True):
+            for teacher_buffer, student_buffer in zip(
+                teacher_part.buffers(), student_part.buffers(), strict=True
+            ):
                 teacher_buffer.copy_(student_buffer)
         torch._foreach_mul_(teacher_params, momentum)
         torch._foreach_add_(teacher_params, student_params, alpha=1.0 - momentum)
+
+    def training_state(self) -> dict[str, torch.Tensor]:
+        """Every EMA part (a shared backbone is the student's, saved with it)."""
+        return self.state_dict()
+
+    def load_training_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        _load_checked(self, state)
 
 
 class FrozenTeacher(nn.Module):
     """Fixed teacher (e.g. TIPS-g/14 distilled into a smaller student): parts by name, never updated.
 
-    The parts are taken as given (not copied) and frozen; the released checkpoints ship no DINO/iBOT
-    heads, so a teacher built from them has freshly initialised heads that stay fixed.
+    The parts are taken as given (not copied) and frozen. A training checkpoint keeps only the heads:
+    the backbone is reloaded from ``teacher.frozen_model``.
     """
+
+    _backbone_prefix = f"parts.{BACKBONE}."
 
     def __init__(self, parts: Mapping[str, nn.Module]) -> None:
         super().__init__()
@@ -93,9 +162,28 @@ class FrozenTeacher(nn.Module):
     def __getitem__(self, name: str) -> nn.Module:
         return self.parts[name]
 
+    def has(self, name: str) -> bool:
+        return name in self.parts
+
     def train(self, mode: bool = True) -> FrozenTeacher:
         """Always in eval mode."""
         return self
 
+    @torch.no_grad()
+    def scores(self, global_crop: torch.Tensor, student_unmasked: ImageFeatures | None) -> TeacherScores:
+        """See ``Teacher.scores``; the fixed backbone always runs (the student's features are not its own)."""
+        return _head_scores(self, self.parts[BACKBONE].forward_features(global_crop))
+
     def update(self, student_parts: Mapping[str, nn.Module], momentum: float) -> None:
         """Nothing to update: the teacher is fixed."""
+
+    def training_state(self) -> dict[str, torch.Tensor]:
+        """The heads only."""
+        return {
+            key: value
+            for key, value in self.state_dict().items()
+            if not key.startswith(self._backbone_prefix)
+        }
+
+    def load_training_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        _load_checked(self, state, not_saved=self._backbone_prefix)

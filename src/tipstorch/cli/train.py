@@ -18,9 +18,12 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from tipstorch.train.checkpoint import load_checkpoint
+from tipstorch.eval.quick import QUICK_TASKS, check_scene_tasks, quick_evaluation
+from tipstorch.eval.report import format_comparison
 from tipstorch.train.config import TrainCfg, config_from_dict, load_config, resolve_config, shipped_configs
 from tipstorch.train.loop import Evaluate, NonFiniteLossError, Trainer, TrainResult
+from tipstorch.train.run_state import load_checkpoint
+from tipstorch.weights.factory import get_tokenizer
 
 DEFAULT_CONFIG = "tiny_cpu"
 RESUME_OUT_DIR = "<out dir>"
@@ -49,10 +52,12 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
 
 
 def _quick_evaluation(tasks: list[str]) -> Evaluate:
-    from tipstorch.eval.quick import QuickEvalConfig, quick_evaluation
-
-    config = QuickEvalConfig(tasks=tuple(tasks)) if tasks else QuickEvalConfig()
-    return lambda model, tokenizer: quick_evaluation(model, tokenizer, config, progress=True)
+    """The quick evaluation of ``eval.tasks`` (empty: its default tasks), as the trainer calls it."""
+    try:
+        chosen = check_scene_tasks(tasks) if tasks else QUICK_TASKS
+    except ValueError as error:
+        raise SystemExit(f"error: eval.tasks: {error}") from None
+    return lambda model, tokenizer: quick_evaluation(model, tokenizer, tasks=chosen, progress=True)
 
 
 def _configure(args: argparse.Namespace) -> tuple[TrainCfg, Path, dict | None]:
@@ -86,8 +91,6 @@ def _report(result: TrainResult, out_dir: Path) -> None:
         return
     print(f"trained to step {result.step}; model: {result.export} (tipstorch.load_model reads it)")
     if result.eval_before is not None and result.eval_after is not None:
-        from tipstorch.eval.quick import format_comparison
-
         print(format_comparison({"before": result.eval_before, "after": result.eval_after}))
         (out_dir / EVAL_FILE).write_text(json.dumps({"before": result.eval_before, "after": result.eval_after}, indent=2))
 
@@ -95,7 +98,7 @@ def _report(result: TrainResult, out_dir: Path) -> None:
 def run_train(args: argparse.Namespace) -> None:
     cfg, out_dir, state = _configure(args)
     evaluate = _quick_evaluation(cfg.eval.tasks) if cfg.eval.quick else None
-    trainer = Trainer(cfg, out_dir=out_dir, resume=state, evaluate=evaluate)
+    trainer = Trainer(cfg, get_tokenizer, out_dir=out_dir, resume=state, evaluate=evaluate)
     main = trainer.context.is_main
     if main:
         parameters = sum(p.numel() for p in trainer.student.parameters())

@@ -1,175 +1,28 @@
-"""Checkpoint formats: official PyTorch npz, transformers' Tipsv2 safetensors, and our own safetensors.
-
-* Official npz (google-deepmind/tips, ``pytorch/``): one file for the vision tower, one for the text
-  tower, whose ``temperature`` scalar divides cosine similarities. Key names equal our module names.
-* transformers (``Tipsv2Model``, the ``google/tipsv2-*`` repositories): ``config.json`` and
-  ``model.safetensors`` with split q/k/v and SwiGLU projections. We read and write it, so a tipstorch
-  model runs in transformers too.
-* tipstorch safetensors: our state dict with the model config stored in the file's metadata.
-
-Every file is read without unpickling (``np.load(allow_pickle=False)``, safetensors). A key that is
-missing, unexpected or of the wrong shape raises :class:`CheckpointError` naming the file, the key,
-and the expected and found shapes.
+"""transformers' ``Tipsv2Model`` layout (the ``google/tipsv2-*`` repositories): ``config.json`` and
+``model.safetensors`` with split q/k/v and SwiGLU projections. We read and write it, so a tipstorch
+model runs in transformers too.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
-import re
-import tempfile
-import zipfile
 from pathlib import Path
 
-import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
-from torch import nn
+from safetensors.torch import save_file
 
-from tipstorch.models.registry import heads_for_width
 from tipstorch.models.text import TextConfig
 from tipstorch.models.tips import TIPSConfig, TIPSModel
 from tipstorch.models.vit import VisionConfig
-
-TIPSTORCH_FORMAT = "tipstorch"
-TEMPERATURE_KEY = "temperature"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is unreadable or does not fit the model."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading and checking
-
-
-def read_npz(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """All arrays of an npz file as float/int tensors, read with ``allow_pickle=False``."""
-    path = Path(path)
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            return {key: torch.from_numpy(np.array(archive[key])) for key in archive.files}
-    except (zipfile.BadZipFile, EOFError, ValueError, OSError, KeyError) as error:
-        size = path.stat().st_size if path.exists() else 0
-        raise CheckpointError(f"{path}: cannot be read as an npz archive ({size} bytes; truncated?): {error}") from error
-
-
-def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and string metadata of a safetensors file."""
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-        return load_file(str(path)), metadata
-    except (SafetensorError, OSError, ValueError) as error:
-        raise CheckpointError(f"{path}: cannot be read as safetensors (truncated?): {error}") from error
-
-
-def load_checked(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load ``state`` into ``module`` after checking that keys and shapes match exactly."""
-    expected = module.state_dict()
-    problems = [f"missing key {key} (expected shape {list(expected[key].shape)})" for key in expected if key not in state]
-    problems += [f"unexpected key {key} (shape {list(state[key].shape)})" for key in state if key not in expected]
-    problems += [
-        f"key {key}: expected shape {list(expected[key].shape)}, found {list(state[key].shape)}"
-        for key in expected
-        if key in state and expected[key].shape != state[key].shape
-    ]
-    if problems:
-        shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
-        raise CheckpointError(f"{source} does not fit the model:\n  {shown}")
-    module.load_state_dict({key: value.to(expected[key].dtype) for key, value in state.items()})
-
-
-def _count_indexed(state: dict[str, torch.Tensor], pattern: str) -> int:
-    indices = {int(match.group(1)) for key in state if (match := re.fullmatch(pattern, key))}
-    return max(indices) + 1 if indices else 0
-
-
-def _require(state: dict[str, torch.Tensor], key: str, source: str) -> torch.Tensor:
-    if key not in state:
-        raise CheckpointError(f"{source}: missing key {key}")
-    return state[key]
-
-
-def infer_vision_config(state: dict[str, torch.Tensor], source: str) -> VisionConfig:
-    """A VisionConfig from the shapes of an official-layout vision state dict."""
-    width = _require(state, "cls_token", source).shape[-1]
-    depth = _count_indexed(state, r"blocks\.(\d+)\.norm1\.weight")
-    swiglu = "blocks.0.mlp.w12.weight" in state
-    hidden_key = "blocks.0.mlp.w12.weight" if swiglu else "blocks.0.mlp.fc1.weight"
-    hidden = _require(state, hidden_key, source).shape[0] // (2 if swiglu else 1)
-    grid = math.isqrt(_require(state, "pos_embed", source).shape[1] - 1)
-    return VisionConfig(
-        embed_dim=width, depth=depth, num_heads=heads_for_width(width), mlp_hidden_dim=hidden,
-        ffn="swiglu" if swiglu else "mlp", pos_grid=grid, layer_scale_init=1.0,
-    )
-
-
-def infer_text_config(state: dict[str, torch.Tensor], source: str) -> TextConfig:
-    """A TextConfig from the shapes of an official-layout text state dict."""
-    vocab, width = _require(state, "token_embedding.weight", source).shape
-    return TextConfig(
-        width=width,
-        depth=_count_indexed(state, r"transformer\.resblocks\.(\d+)\.ln_1\.weight"),
-        num_heads=heads_for_width(width),
-        mlp_dim=_require(state, "transformer.resblocks.0.mlp.c_fc.weight", source).shape[0],
-        vocab_size=vocab,
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# Official npz
-
-
-def text_path_for(vision_path: str) -> str:
-    """The official text-tower file that accompanies a ``*_vision.npz`` file (path or URL)."""
-    if not vision_path.endswith("_vision.npz"):
-        raise CheckpointError(
-            f"{vision_path}: cannot find its text tower; official vision files end in _vision.npz, "
-            "or pass the text file explicitly"
-        )
-    return vision_path[: -len("_vision.npz")] + "_text.npz"
-
-
-def load_official(
-    vision_path: str | os.PathLike, text_path: str | os.PathLike, config: TIPSConfig | None = None
-) -> TIPSModel:
-    """Build a TIPSModel from the official PyTorch npz pair; the config is inferred if not given."""
-    vision_state = read_npz(vision_path)
-    text_state = read_npz(text_path)
-    if "token_embedding.weight" in vision_state or "cls_token" in text_state:
-        raise CheckpointError(f"{vision_path} / {text_path}: vision and text files are swapped")
-    temperature = _require(text_state, TEMPERATURE_KEY, str(text_path)).reshape(())
-    text_state.pop(TEMPERATURE_KEY)
-    text_state.pop("temperature_contrastive", None)
-    if config is None:
-        vision_config = infer_vision_config(vision_state, str(vision_path))
-        config = TIPSConfig(
-            vision=vision_config,
-            text=infer_text_config(text_state, str(text_path)),
-            image_size=vision_config.pos_grid * vision_config.patch_size,
-        )
-    model = TIPSModel(config)
-    load_checked(model.visual, vision_state, str(vision_path))
-    load_checked(model.text, text_state, str(text_path))
-    with torch.no_grad():
-        model.temperature.fill_(float(temperature))
-    return model
-
-
-def save_official(model: TIPSModel, vision_path: str | os.PathLike, text_path: str | os.PathLike) -> None:
-    """Write a model as the official npz pair (float32 arrays, official key names)."""
-    vision = {key: value.detach().float().cpu().numpy() for key, value in model.visual.state_dict().items()}
-    text = {key: value.detach().float().cpu().numpy() for key, value in model.text.state_dict().items()}
-    text[TEMPERATURE_KEY] = np.asarray(model.temperature.detach().float().cpu().numpy())
-    atomic_write(Path(vision_path), lambda path: np.savez(path, **vision))
-    atomic_write(Path(text_path), lambda path: np.savez(path, **text))
-
-
-# ---------------------------------------------------------------------------------------------
-# transformers' Tipsv2Model layout
+from tipstorch.weights.official import TEMPERATURE_KEY
+from tipstorch.weights.state_io import (
+    CheckpointError,
+    atomic_write,
+    load_checked,
+    read_safetensors,
+    require_key,
+)
 
 
 def _transformers_key_map(config: TIPSConfig) -> list[tuple[str, list[str]]]:
@@ -343,7 +196,7 @@ def from_transformers_state(state: dict[str, torch.Tensor], config: TIPSConfig, 
         if ours == TEMPERATURE_KEY and TEMPERATURE_KEY not in state:
             converted[ours] = torch.tensor(float(config.temperature))
             continue
-        parts = [_require(state, name, source) for name in theirs]
+        parts = [require_key(state, name, source) for name in theirs]
         converted[ours] = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
     known = {name for _, theirs in _transformers_key_map(config) for name in theirs}
     extra = sorted(set(state) - known - {"text_model.embeddings.position_ids"})
@@ -377,45 +230,3 @@ def load_transformers(path: str | os.PathLike) -> TIPSModel:
     load_checked(model, from_transformers_state(state, config, str(weights)), str(weights))
     return model
 
-
-# ---------------------------------------------------------------------------------------------
-# tipstorch safetensors
-
-
-def save_model(model: TIPSModel, path: str | os.PathLike) -> Path:
-    """Write a TIPSModel as one safetensors file, config in the metadata; atomic."""
-    path = Path(path)
-    metadata = {"format": TIPSTORCH_FORMAT, "config": json.dumps(model.config.to_dict())}
-    state = {key: value.detach().contiguous() for key, value in model.state_dict().items()}
-    atomic_write(path, lambda target: save_file(state, target, metadata=metadata))
-    return path
-
-
-def load_tipstorch(path: str | os.PathLike) -> TIPSModel:
-    state, metadata = read_safetensors(path)
-    if metadata.get("format") != TIPSTORCH_FORMAT:
-        raise CheckpointError(f"{path}: not a tipstorch safetensors file (no tipstorch metadata)")
-    model = TIPSModel(TIPSConfig(**json.loads(metadata["config"])))
-    load_checked(model, state, str(path))
-    return model
-
-
-def is_tipstorch_file(path: Path) -> bool:
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            return (handle.metadata() or {}).get("format") == TIPSTORCH_FORMAT
-    except (SafetensorError, OSError, ValueError) as error:
-        raise CheckpointError(f"{path}: cannot be read as safetensors (truncated?): {error}") from error
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(temporary_path)`` then rename it to ``path``, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(handle)
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise

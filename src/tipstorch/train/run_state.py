@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tipstorch.checkpoints import CheckpointError, atomic_write
+from tipstorch.weights.state_io import CheckpointError, atomic_write
 
 logger = logging.getLogger("tipstorch.train")
 

@@ -1,62 +1,16 @@
-"""The ``tipstorch`` command: ``models``, ``encode``, ``classify`` and the subcommands of the data,
-training and evaluation packages."""
+"""``tipstorch models / encode / classify / pca / segment / convert``: running a model on images."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from tipstorch.cli.model_args import add_model_arguments, autocast, load_images, model_from_args, open_image
 from tipstorch.models.registry import get_model_spec, list_models
-
-
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--model`` / ``--random`` / ``--device`` / ``--bf16``, shared by every command that runs a model."""
-    parser.add_argument("--model", default="tipsv2-b14",
-                        help="registered name (official weights), checkpoint path or URL (default: tipsv2-b14)")
-    parser.add_argument("--random", action="store_true", help="random weights for a registered name (no download)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--bf16", action="store_true", help="run under bfloat16 autocast")
-    parser.add_argument("--tokenizer", help="SentencePiece .model path or URL (default: the model's own)")
-
-
-def model_from_args(args: argparse.Namespace):
-    """The model and tokenizer that ``--model`` / ``--random`` name, in eval mode on ``--device``."""
-    from tipstorch.factory import create_model, get_tokenizer, load_model
-
-    if args.random:
-        model = create_model(args.model, pretrained=False, device=args.device)
-    else:
-        model = load_model(args.model, device=args.device)
-    return model, get_tokenizer(args.tokenizer or model)
-
-
-def autocast(args: argparse.Namespace):
-    return torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.bf16)
-
-
-def open_image(path: str):
-    """The RGB PIL image in ``path``; exits with one clear error naming the file if it cannot be read."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (FileNotFoundError, UnidentifiedImageError, OSError) as error:
-        raise SystemExit(f"error: cannot read image {path}: {error}") from error
-
-
-def load_images(paths: Sequence[str], image_size: int, keep_aspect: bool) -> list[torch.Tensor]:
-    """Decode and preprocess image files into tensors [3, H, W]."""
-    from tipstorch.data.transforms import image_transform
-
-    transform = image_transform(image_size, keep_aspect=keep_aspect)
-    return [transform(open_image(path)) for path in paths]
 
 
 def parse_labels(text: str) -> list[str]:
@@ -168,7 +122,9 @@ def run_segment(args: argparse.Namespace) -> None:
 
 def run_convert(args: argparse.Namespace) -> None:
     """Write a model in another checkpoint format."""
-    from tipstorch.checkpoints import save_model, save_official, save_transformers
+    from tipstorch.weights.official import save_official
+    from tipstorch.weights.tipstorch_file import save_model
+    from tipstorch.weights.transformers import save_transformers
 
     model, _ = model_from_args(args)
     out = Path(args.out)
@@ -182,9 +138,8 @@ def run_convert(args: argparse.Namespace) -> None:
     print(f"wrote {args.to} checkpoint to {out}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tipstorch", description="TIPS / TIPSv2 image-text encoders in PyTorch")
-    commands = parser.add_subparsers(dest="command", required=True)
+def add_inference_parsers(commands: argparse._SubParsersAction) -> None:
+    """Add ``models``, ``encode``, ``classify``, ``pca``, ``segment`` and ``convert`` to the ``tipstorch`` subparsers."""
 
     models = commands.add_parser("models", help="list the registered models")
     models.add_argument("--pretrained", action="store_true", help="only models with official weights")
@@ -231,24 +186,3 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--stem", default="model", help="official npz file stem: <stem>_vision.npz, <stem>_text.npz")
     add_model_arguments(convert)
     convert.set_defaults(func=run_convert)
-
-    from tipstorch.data.commands import add_data_parser
-    from tipstorch.eval.commands import add_eval_parser
-    from tipstorch.train.commands import add_train_parser
-
-    add_data_parser(commands)
-    add_train_parser(commands)
-    add_eval_parser(commands)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of the ``tipstorch`` console script."""
-    args = build_parser().parse_args(argv)
-    status = args.func(args)
-    if isinstance(status, int) and status:
-        raise SystemExit(status)
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

@@ -12,29 +12,23 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from tipstorch.eval.quick import QUICK_TASKS, QuickEvalConfig, quick_evaluation
+from tipstorch.cli.model_args import add_model_arguments, model_from_args
+from tipstorch.eval.context import SCENES, EvalContext, EvalSettings, FrozenModel
+from tipstorch.eval.quick import QUICK_SETTINGS, QUICK_TASKS
 from tipstorch.eval.report import format_comparison
+from tipstorch.eval.tasks import TASKS, TaskDataError, TaskResult, run_tasks
+from tipstorch.weights.state_io import atomic_write
 
+QUICK = "quick"  # the quick evaluation's tasks (tipstorch.eval.quick.QUICK_TASKS) on the scenes
 # task -> the --data keys it can read, in the order of the paper's tables; "scenes" needs no path
-TASK_DATA: dict[str, tuple[str, ...]] = {
-    "zeroshot-cls": ("imagenet", "scenes"),
-    "zeroshot-seg": ("ade20k", "voc", "scenes"),
-    "retrieval": ("coco", "flickr30k", "docci", "scenes"),
-    "knn": ("imagenet", "scenes"),
-    "linear": ("imagenet", "scenes"),
-    "seg-probe": ("voc", "ade20k", "scenes"),
-    "depth-probe": ("nyu", "scenes"),
-    "normals-dpt": ("scenes",),  # no reader for NYUv2 surface normals yet
-    "depth-dpt": ("nyu", "scenes"),
-    "quick": ("scenes",),
-}
+TASK_DATA: dict[str, tuple[str, ...]] = {name: task.data for name, task in TASKS.items()} | {QUICK: (SCENES,)}
 DATA_KEYS: tuple[str, ...] = ("imagenet", "voc", "ade20k", "nyu", "coco", "flickr30k", "docci", "scenes")
 DATA_LAYOUTS: dict[str, str] = {
     "imagenet": "folder with train/<wnid>/ and val/<wnid>/ (--class-names FILE for zero-shot prompts)",
@@ -91,8 +85,6 @@ def plan_runs(tasks: list[str], data: dict[str, Path | None]) -> list[tuple[str,
 
 def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add ``eval`` to a ``tipstorch`` subparsers object; dispatch with ``args.func(args)`` (= ``run_eval``)."""
-    from tipstorch.cli import add_model_arguments
-
     epilog = "tasks and their --data keys:\n" + "\n".join(
         f"  {task:<13} {', '.join(keys)}" for task, keys in TASK_DATA.items()
     ) + "\n\ndata layouts:\n" + "\n".join(f"  {key:<10} {layout}" for key, layout in DATA_LAYOUTS.items())
@@ -133,73 +125,59 @@ def _check_args(args: argparse.Namespace) -> None:
         raise SystemExit(f"error: --class-names {args.class_names}: no such file")
 
 
-def scenes_config(args: argparse.Namespace, scene_tasks: list[str]) -> QuickEvalConfig:
-    """The quick evaluation config that ``--image-size``, ``--max-samples`` etc. ask for."""
-    default = QuickEvalConfig()
-    overrides: dict[str, Any] = {"tasks": scene_tasks, "batch_size": args.batch_size}
+def scenes_settings(args: argparse.Namespace) -> EvalSettings:
+    """The quick evaluation's settings with what ``--image-size``, ``--max-samples`` etc. ask for."""
+    overrides: dict[str, Any] = {"batch_size": args.batch_size}
     if args.image_size:
         overrides["image_size"] = args.image_size
     if args.max_samples:
-        overrides.update(num_train=min(default.num_train, args.max_samples), num_test=min(default.num_test, args.max_samples))
+        overrides.update(scenes_train=min(QUICK_SETTINGS.scenes_train, args.max_samples),
+                         scenes_test=min(QUICK_SETTINGS.scenes_test, args.max_samples))
     if args.probe_iterations:
         overrides["probe_iterations"] = args.probe_iterations
     if args.probe_batch_size:
         overrides["probe_batch_size"] = args.probe_batch_size
     try:
-        return QuickEvalConfig(**overrides)
+        return replace(QUICK_SETTINGS, **overrides)
     except ValueError as error:
         raise SystemExit(f"error: scenes evaluation: {error}") from error
 
 
 def _scene_tasks(tasks: list[str]) -> list[str]:
-    """CLI task names run on scenes -> quick task names (``quick`` = all default quick tasks)."""
+    """Tasks run on the scenes, ``quick`` expanded to the quick evaluation's tasks."""
     names: list[str] = []
     for task in tasks:
-        names.extend(QUICK_TASKS if task == "quick" else [task.replace("-", "_")])
+        names.extend(QUICK_TASKS if task == QUICK else [task])
     return list(dict.fromkeys(names))
 
 
-def _run_scenes(args: argparse.Namespace, model, tokenizer, config: QuickEvalConfig) -> tuple[dict, dict, dict]:
-    """(metrics, protocol, details) of the scenes tasks: one quick evaluation."""
-    from tipstorch.cli import autocast
-
-    with autocast(args):
-        metrics = quick_evaluation(model, tokenizer, config)
-    protocol = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(config).items()}
-    return metrics, protocol, {}
-
-
-def _run_standard(context, task: str, key: str, root: Path) -> tuple[dict, dict, dict]:
-    """(metrics, protocol, details) of one task on one standard dataset; bad data is one clear error."""
-    from tipstorch.eval.standard import STANDARD_TASKS
-
+def _run(context: EvalContext, runs: list[tuple[str, str, Path | None]]) -> dict[str, TaskResult]:
+    """Results of ``runs`` by ``"<data key>/<task name>"``; bad data is one clear error."""
     try:
-        result = STANDARD_TASKS[task](context, key, root)
-    except (FileNotFoundError, KeyError, ValueError) as error:
-        raise SystemExit(f"error: {task} on {key}: {error}") from error
-    skipped = result.details.get("num_skipped", 0)
-    if skipped:
-        tqdm.write(f"{key}/{task}: skipped {skipped} corrupt sample(s) (paths in the log)", file=sys.stderr)
-    return result.metrics, result.protocol, result.details
+        results = run_tasks(context, runs)
+    except TaskDataError as error:
+        raise SystemExit(f"error: {error}") from error
+    for name, result in results.items():
+        skipped = result.details.get("num_skipped", 0)
+        if skipped:
+            tqdm.write(f"{name}: skipped {skipped} corrupt sample(s) (paths in the log)", file=sys.stderr)
+    return results
 
 
 def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     """Run ``tipstorch eval``; returns the report that is written to ``--out``."""
-    from tipstorch.checkpoints import atomic_write
-    from tipstorch.cli import model_from_args
-    from tipstorch.eval.standard import EvalSettings, FrozenModel, TaskContext
-
     _check_args(args)
     data = parse_data(args.data)
     runs = plan_runs(args.tasks, data)
-    scene_tasks = _scene_tasks([task for task, key in runs if key == "scenes"])
-    quick_config = scenes_config(args, scene_tasks) if scene_tasks else None
+    scene_tasks = _scene_tasks([task for task, key in runs if key == SCENES])
 
-    torch.manual_seed(args.seed)  # --random weights and probe heads come from the global generator
+    scenes = scenes_settings(args) if scene_tasks else None
+
+    torch.manual_seed(args.seed)  # --random weights come from the global generator
     model, tokenizer = model_from_args(args)
+    frozen = FrozenModel(model, tokenizer, args.device, args.bf16)
     settings = EvalSettings(args.image_size, args.batch_size, args.max_samples, args.probe_iterations,
                             args.probe_batch_size, args.class_names, args.seed)
-    context = TaskContext(FrozenModel(model, tokenizer, args.device, args.bf16), settings)
     report: dict[str, Any] = {
         "model": str(args.model),
         "random_init": bool(args.random),
@@ -210,21 +188,16 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
                      "probe_iterations": args.probe_iterations, "probe_batch_size": args.probe_batch_size},
         "protocol": {}, "metrics": {}, "details": {}, "seconds": {},
     }
-    # every standard (task, dataset) pair, then all scenes tasks in one quick evaluation
-    jobs = [(f"{key}/{task.replace('-', '_')}", task, key) for task, key in runs if key != "scenes"]
-    jobs += [("scenes", "quick", "scenes")] if quick_config else []
-    progress = tqdm(jobs, desc="eval", unit="run")
-    for name, task, key in progress:
-        progress.set_postfix_str(name)
-        start = time.perf_counter()
-        if key == "scenes":
-            metrics, protocol, details = _run_scenes(args, model, tokenizer, quick_config)
-        else:
-            metrics, protocol, details = _run_standard(context, task, key, data[key])
-        report["metrics"].update({f"{key}/{metric}": value for metric, value in metrics.items()})
-        report["protocol"][name], report["seconds"][name] = protocol, round(time.perf_counter() - start, 2)
-        if details:
-            report["details"][name] = details
+    # every standard (task, dataset) pair, then the scenes tasks with the quick evaluation's settings
+    results = _run(EvalContext(frozen, settings), [(task, key, data[key]) for task, key in runs if key != SCENES])
+    if scenes is not None:
+        results |= _run(EvalContext(frozen, scenes), [(task, SCENES, None) for task in scene_tasks])
+    for name, result in results.items():
+        key = name.split("/")[0]
+        report["metrics"].update({f"{key}/{metric}": value for metric, value in result.metrics.items()})
+        report["protocol"][name], report["seconds"][name] = result.protocol, result.seconds
+        if result.details:
+            report["details"][name] = result.details
 
     table = format_comparison({str(args.model) + (" (random)" if args.random else ""): report["metrics"]})
     atomic_write(args.out, lambda path: Path(path).write_text(json.dumps(report, indent=2) + "\n"))

@@ -7,9 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from tipstorch.checkpoints import CheckpointError
-from tipstorch.train import checkpoint
-from tipstorch.train.checkpoint import (
+from tipstorch.train import run_state
+from tipstorch.train.run_state import (
     LAST,
     PREVIOUS,
     StopOnSignal,
@@ -18,6 +17,7 @@ from tipstorch.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from tipstorch.weights.state_io import CheckpointError
 
 
 def state(step: int) -> dict:
@@ -39,7 +39,7 @@ def test_a_write_that_fails_midway_leaves_the_last_checkpoint_intact_and_no_part
             handle.write(b"half a checkpoint")
         raise OSError("disk full")
 
-    monkeypatch.setattr(checkpoint.torch, "save", broken_save)
+    monkeypatch.setattr(run_state.torch, "save", broken_save)
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(state(2), tmp_path)
     assert load_checkpoint(tmp_path)[0]["step"] == 1
@@ -49,7 +49,7 @@ def test_a_write_that_fails_midway_leaves_the_last_checkpoint_intact_and_no_part
 def test_checkpoints_load_weights_only(tmp_path):
     save_checkpoint(state(3), tmp_path)
     loaded = torch.load(tmp_path / LAST, weights_only=True)
-    assert loaded["config"] == {"name": "x", "sizes": (1, 2)} and loaded["format"] == checkpoint.FORMAT
+    assert loaded["config"] == {"name": "x", "sizes": (1, 2)} and loaded["format"] == run_state.FORMAT
 
 
 class Payload:
@@ -57,7 +57,7 @@ class Payload:
 
 
 def test_a_pickled_object_is_refused(tmp_path):
-    torch.save({"format": checkpoint.FORMAT, "version": checkpoint.VERSION, "payload": Payload()}, tmp_path / "evil.pt")
+    torch.save({"format": run_state.FORMAT, "version": run_state.VERSION, "payload": Payload()}, tmp_path / "evil.pt")
     with pytest.raises(CheckpointError, match=r"evil\.pt: cannot be read as a training checkpoint"):
         load_checkpoint(tmp_path / "evil.pt")
 

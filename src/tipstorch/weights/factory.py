@@ -8,10 +8,14 @@ from pathlib import Path
 
 import torch
 
-from tipstorch import checkpoints, hub
 from tipstorch.models.registry import get_model_spec, list_models
 from tipstorch.models.tips import TIPSConfig, TIPSModel
 from tipstorch.models.tokenizer import OFFICIAL_TOKENIZER, OFFICIAL_TOKENIZER_URL, SCENES_TOKENIZER, Tokenizer
+from tipstorch.weights import cache
+from tipstorch.weights.official import load_official, text_path_for
+from tipstorch.weights.state_io import CheckpointError
+from tipstorch.weights.tipstorch_file import is_tipstorch_file, load_tipstorch
+from tipstorch.weights.transformers import load_transformers
 
 
 def _place(model: TIPSModel, device: str | torch.device | None, dtype: torch.dtype | None) -> TIPSModel:
@@ -34,9 +38,9 @@ def create_model(
         raise ValueError(
             f"model {name!r} has no official weights; use pretrained=False or one of {list_models(pretrained=True)}"
         )
-    vision = hub.download(spec.vision_url)
-    text = hub.download(spec.text_url)
-    return _place(checkpoints.load_official(vision, text, spec.config), device, dtype)
+    vision = cache.download(spec.vision_url)
+    text = cache.download(spec.text_url)
+    return _place(load_official(vision, text, spec.config), device, dtype)
 
 
 def load_model(
@@ -56,20 +60,20 @@ def load_model(
     text = str(path_or_url)
     if not text.startswith(("http://", "https://")) and not Path(text).exists() and "/" not in text:
         return create_model(text, pretrained=True, device=device, dtype=dtype)
-    local = hub.resolve(path_or_url)
+    local = cache.resolve(path_or_url)
     if local.suffix == ".npz":
-        text_source = str(text_path) if text_path is not None else checkpoints.text_path_for(text)
-        model = checkpoints.load_official(local, hub.resolve(text_source), config)
+        text_source = str(text_path) if text_path is not None else text_path_for(text)
+        model = load_official(local, cache.resolve(text_source), config)
     elif local.is_dir():
         if (local / "config.json").exists():
-            model = checkpoints.load_transformers(local)
+            model = load_transformers(local)
         else:
-            raise checkpoints.CheckpointError(f"{local}: directory without config.json is not a known checkpoint")
+            raise CheckpointError(f"{local}: directory without config.json is not a known checkpoint")
     elif local.suffix == ".safetensors":
-        loader = checkpoints.load_tipstorch if checkpoints.is_tipstorch_file(local) else checkpoints.load_transformers
+        loader = load_tipstorch if is_tipstorch_file(local) else load_transformers
         model = loader(local)
     else:
-        raise checkpoints.CheckpointError(
+        raise CheckpointError(
             f"{local}: unknown checkpoint format (expected .npz, .safetensors or a transformers directory)"
         )
     return _place(model, device, dtype)
@@ -91,5 +95,5 @@ def get_tokenizer(source: str | os.PathLike | TIPSModel, context_length: int = 6
     if source == SCENES_TOKENIZER:
         return Tokenizer(scenes_tokenizer_path(), context_length)
     if source == OFFICIAL_TOKENIZER:
-        return Tokenizer(hub.download(OFFICIAL_TOKENIZER_URL), context_length)
-    return Tokenizer(hub.resolve(source), context_length)
+        return Tokenizer(cache.download(OFFICIAL_TOKENIZER_URL), context_length)
+    return Tokenizer(cache.resolve(source), context_length)

@@ -10,7 +10,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from tipstorch.data.folder import FolderDataset
-from tipstorch.data.scenes import SceneSample, ScenesConfig, ScenesDataset
+from tipstorch.data.sample import ImageTextSample
+from tipstorch.data.scenes import ScenesConfig, ScenesDataset
 from tipstorch.data.shards import IMAGE_FORMATS, write_shards
 
 SUMMARY_FILE = "summary.json"
@@ -63,7 +64,7 @@ def _parse_rename(pairs: Iterable[str]) -> dict[str, str]:
     return rename
 
 
-def _scenes(num: int, seed: int, image_size: int) -> Iterator[SceneSample]:
+def _scenes(num: int, seed: int, image_size: int) -> Iterator[ImageTextSample]:
     dataset = ScenesDataset(ScenesConfig(image_size=image_size, seed=seed), length=num)
     return (dataset[i] for i in range(num))
 

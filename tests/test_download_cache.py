@@ -15,8 +15,8 @@ import torch
 import tipstorch
 from tests.helpers import tiny_config
 from tests.official_reference import official_text_arrays, official_vision_arrays
-from tipstorch import hub
 from tipstorch.models import registry
+from tipstorch.weights import cache
 
 
 class FileServer(http.server.ThreadingHTTPServer):
@@ -69,7 +69,7 @@ def server():
 
 
 @pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch):
+def cache_in_tmp(tmp_path, monkeypatch):
     monkeypatch.setenv("TIPSTORCH_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("TIPSTORCH_OFFLINE", raising=False)
     return tmp_path / "cache"
@@ -77,41 +77,41 @@ def cache(tmp_path, monkeypatch):
 
 def test_download_stores_the_file_in_the_cache_once(server):
     url = server.base_url + "/data/file.bin"
-    path = hub.download(url, progress=False)
+    path = cache.download(url, progress=False)
     assert path.read_bytes() == server.files["/data/file.bin"]
-    assert path == hub.cached_path_for(url)
-    hub.download(url, progress=False)
+    assert path == cache.cached_path_for(url)
+    cache.download(url, progress=False)
     assert len(server.requests) == 1
 
 
 def test_broken_transfer_is_an_error_and_the_next_call_resumes(server):
     url = server.base_url + "/data/file.bin"
     server.truncate["/data/file.bin"] = 300_000
-    with pytest.raises(hub.DownloadError, match="resume"):
-        hub.download(url, progress=False)
-    assert not hub.cached_path_for(url).exists()
-    path = hub.download(url, progress=False)
+    with pytest.raises(cache.DownloadError, match="resume"):
+        cache.download(url, progress=False)
+    assert not cache.cached_path_for(url).exists()
+    path = cache.download(url, progress=False)
     assert path.read_bytes() == server.files["/data/file.bin"]
     assert server.requests[-1] == ("/data/file.bin", "bytes=300000-")
 
 
 def test_expected_size_and_checksum_are_verified(server):
     url = server.base_url + "/data/file.bin"
-    with pytest.raises(hub.DownloadError, match="expected size is 5 bytes"):
-        hub.download(url, expected_size=5, progress=False)
-    hub.cached_path_for(url).with_name("file.bin.part").unlink()
-    with pytest.raises(hub.DownloadError, match="checksum mismatch"):
-        hub.download(url, sha256="0" * 64, progress=False)
+    with pytest.raises(cache.DownloadError, match="expected size is 5 bytes"):
+        cache.download(url, expected_size=5, progress=False)
+    cache.cached_path_for(url).with_name("file.bin.part").unlink()
+    with pytest.raises(cache.DownloadError, match="checksum mismatch"):
+        cache.download(url, sha256="0" * 64, progress=False)
     good = hashlib.sha256(server.files["/data/file.bin"]).hexdigest()
-    assert hub.download(url, sha256=good, progress=False).exists()
+    assert cache.download(url, sha256=good, progress=False).exists()
 
 
 def test_missing_remote_file_and_offline_mode(server, monkeypatch):
-    with pytest.raises(hub.DownloadError, match="HTTP 404"):
-        hub.download(server.base_url + "/data/absent.bin", progress=False)
+    with pytest.raises(cache.DownloadError, match="HTTP 404"):
+        cache.download(server.base_url + "/data/absent.bin", progress=False)
     monkeypatch.setenv("TIPSTORCH_OFFLINE", "1")
-    with pytest.raises(hub.DownloadError, match="TIPSTORCH_OFFLINE"):
-        hub.download(server.base_url + "/data/file.bin", progress=False)
+    with pytest.raises(cache.DownloadError, match="TIPSTORCH_OFFLINE"):
+        cache.download(server.base_url + "/data/file.bin", progress=False)
     assert server.requests == [("/data/absent.bin", None)]
 
 

@@ -1,0 +1,5 @@
+"""``python -m tipstorch.cli ...`` (and ``torchrun -m tipstorch.cli ...``)."""
+
+from tipstorch.cli import main
+
+main()

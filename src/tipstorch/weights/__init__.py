@@ -1,0 +1,1 @@
+"""Model weights: the download cache, the checkpoint formats and the public constructors."""
