@@ -18,7 +18,6 @@ import io
 import json
 import random
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,6 +25,7 @@ import webdataset as wds
 from PIL import Image
 
 from tipstorch.data.captions import CAPTION_SOURCES, available_captions
+from tipstorch.data.records import ShardWriteSummary, write_record_shards
 from tipstorch.data.sample import ImageTextSample
 from tipstorch.data.streams import ReadStats, consumer_slot, epoch_share
 
@@ -82,14 +82,6 @@ def _record(sample: ImageTextSample, key: str, image_format: str, quality: int) 
     }
 
 
-@dataclass
-class ShardWriteSummary:
-    """What ``write_shards`` wrote: shard paths in order and the number of samples."""
-
-    shards: list[Path]
-    samples: int
-
-
 def write_shards(
     samples: Iterable[ImageTextSample],
     out_dir: str | Path,
@@ -102,35 +94,17 @@ def write_shards(
 
     Keys are the samples' ``key`` (dots replaced, webdataset splits names at the first dot) or the
     running index; duplicate keys are refused. Tar member times are fixed, so equal inputs give
-    byte-equal shards.
+    byte-equal shards; each shard is written atomically (``data.records``).
     """
     if shard_size <= 0:
         raise ValueError(f"shard_size must be positive, got {shard_size}")
     if image_format not in IMAGE_FORMATS:
         raise ValueError(f"image format must be one of {sorted(IMAGE_FORMATS)}, got {image_format!r}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    shards: list[Path] = []
-    seen: set[str] = set()
-    writer: wds.TarWriter | None = None
-    count = 0
-    try:
-        for sample in samples:
-            if count % shard_size == 0:
-                if writer is not None:
-                    writer.close()
-                shards.append(out / f"{prefix}-{len(shards):06d}.tar")
-                writer = wds.TarWriter(str(shards[-1]), mtime=0.0)
-            key = (sample.key or f"{count:09d}").replace(".", "_")
-            if key in seen:
-                raise ValueError(f"duplicate sample key {key!r} while writing {shards[-1]}")
-            seen.add(key)
-            writer.write(_record(sample, key, image_format, quality))
-            count += 1
-    finally:
-        if writer is not None:
-            writer.close()
-    return ShardWriteSummary(shards=shards, samples=count)
+    records = (
+        _record(sample, (sample.key or f"{index:09d}").replace(".", "_"), image_format, quality)
+        for index, sample in enumerate(samples)
+    )
+    return write_record_shards(records, out_dir, shard_size=shard_size, prefix=prefix)
 
 
 def expand_shards(urls: str | Path | Sequence[str | Path]) -> list[str]:
