@@ -77,6 +77,23 @@ def _check_size(image: Image.Image, target: np.ndarray, path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def class_folders(root: Path) -> list[str]:
+    """The sorted names of the class folders in ``root`` (an ImageNet split: its wnids)."""
+    return sorted(p.name for p in root.iterdir() if p.is_dir())
+
+
+def check_same_classes(first: Path, second: Path) -> None:
+    """Raise one ValueError listing the differing names when two split folders hold different class
+    folders: each split numbers its classes by sorted name, so labels would not agree."""
+    first_set, second_set = set(class_folders(first)), set(class_folders(second))
+    if first_set != second_set:
+        raise ValueError(
+            f"class folders of {first} and {second} differ, so their labels would not agree: "
+            f"only in {first.name}: {sorted(first_set - second_set)[:20]}, "
+            f"only in {second.name}: {sorted(second_set - first_set)[:20]}"
+        )
+
+
 class ImageFolderDataset(Dataset):
     """root/<class folder>/<image>; label = index of the folder in sorted order (ImageNet: sorted wnids).
 
@@ -86,7 +103,7 @@ class ImageFolderDataset(Dataset):
 
     def __init__(self, root: Path | str, class_names_file: Path | str | None = None) -> None:
         self.root = _require(Path(root), "image folder root")
-        self.classes = sorted(p.name for p in self.root.iterdir() if p.is_dir())
+        self.classes = class_folders(self.root)
         if not self.classes:
             raise FileNotFoundError(f"no class folders in {self.root}")
         self.samples = [
