@@ -25,6 +25,8 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
+from tipstorch.data.images import open_image
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm")
 
 
@@ -43,20 +45,20 @@ def _require(path: Path, what: str) -> Path:
     return path
 
 
-def _open_image(path: Path) -> Image.Image:
+def _open_image(path: Path, mode: str | None = None) -> Image.Image:
+    """The decoded, upright image (see ``tipstorch.data.images``); CorruptSampleError naming the file if it
+    cannot be decoded or exceeds the pixel limit."""
     try:
-        with Image.open(path) as image:
-            image.load()
-            return image
+        return open_image(path, mode)
     except FileNotFoundError:
         raise
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
+    except (OSError, ValueError, SyntaxError) as err:  # ImageTooLargeError is a ValueError
         raise CorruptSampleError(path, str(err)) from err
 
 
 def load_rgb(path: Path | str) -> Image.Image:
-    """Decoded RGB image; CorruptSampleError if the file cannot be decoded."""
-    return _open_image(Path(path)).convert("RGB")
+    """Decoded, upright RGB image; CorruptSampleError if the file cannot be decoded."""
+    return _open_image(Path(path), "RGB")
 
 
 def load_label_map(path: Path | str) -> np.ndarray:
