@@ -15,6 +15,7 @@ from tipstorch.cli.data import add_data_parser
 from tipstorch.cli.eval import add_eval_parser
 from tipstorch.cli.inference import add_inference_parsers
 from tipstorch.cli.train import add_train_parser
+from tipstorch.weights.cache import DownloadError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,7 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``tipstorch`` console script."""
     args = build_parser().parse_args(argv)
-    status = args.func(args)
+    try:
+        status = args.func(args)
+    except DownloadError as error:
+        raise SystemExit(f"error: {error}") from None
     if isinstance(status, int) and status:
         raise SystemExit(status)
 
