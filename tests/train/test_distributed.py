@@ -48,7 +48,8 @@ def test_two_gloo_processes_agree_and_match_one_process_on_the_whole_batch(tmp_p
     expected = parameters(single.student)
     for name, value in ranks[0]["parameters"].items():
         assert torch.equal(value, ranks[1]["parameters"][name]), name
-        assert_close_to_scale(value, expected[name], msg=name)
+        # parameters after a few Adam steps: their differences scale with the learning rate, not with |value|
+        torch.testing.assert_close(value, expected[name], rtol=1e-4, atol=1e-5, msg=name)
     # each rank's total has its own self-supervised parts; their mean is the whole batch's
     mean_total = [(a + b) / 2 for a, b in zip(ranks[0]["total"], ranks[1]["total"], strict=True)]
     assert_close_to_scale(torch.tensor(mean_total), torch.tensor([step["total"] for step in single_history]))
