@@ -122,3 +122,12 @@ def test_config_rejects_sizes_that_are_not_patch_multiples():
         MultiCropConfig(local_size=100)
     with pytest.raises(ValueError, match="global_scale"):
         MultiCropConfig(global_scale=(0.0, 1.0))
+
+
+def test_a_sample_with_only_a_caption_the_weights_do_not_name_is_collated(tokenize):
+    config = MultiCropConfig(num_local_crops=0, caption_weights={"spatial": 1.0})
+    batch = MultiCropCollate(config, tokenize, torch.Generator().manual_seed(0))(
+        [Pair(Image.new("RGB", (64, 64)), {"object": "a red circle"})]
+    )
+    assert batch["alt_text"] == ["a red circle"] and batch["synthetic_text"] == ["a red circle"]
+    assert batch["synthetic_source"] == ["object"]

@@ -119,6 +119,8 @@ def test_corrupt_image_is_skipped_counted_and_logged_with_its_key(tmp_path, capl
         ([("x.json", _caption("no image"))], "no image member"),
         ([("x.png", _png()), ("x.json", b"{not json")], "bad json"),
         ([("x.png", _png()), ("x.json", json.dumps({"alt": ""}).encode())], "no caption"),
+        ([("x.png", _png()), ("x.json", json.dumps({"spatial": "  \n", "caption": None}).encode())], "no caption"),
+        ([("x.png", _png())], "no caption"),
         ([("x.png", _png()), ("x.json", json.dumps({"caption": "c", "label": "cat"}).encode())], "label"),
     ],
 )

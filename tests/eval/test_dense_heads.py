@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.helpers import assert_close_to_scale
 from tipstorch.models.dense import (
     DPT_LAYER_INDICES,
     DepthBinsConfig,
@@ -225,7 +226,7 @@ def test_conv_transpose_kernel_conversion_matches_flax_semantics(tmp_path):
     expected = _flax_conv_transpose(x, kernel, stride=2) + layer.bias.detach().numpy()
     with torch.no_grad():
         got = layer(torch.from_numpy(x.transpose(2, 0, 1)).float()[None])[0].numpy().transpose(1, 2, 0)
-    np.testing.assert_allclose(got, expected, atol=1e-4)
+    assert_close_to_scale(torch.from_numpy(got), torch.from_numpy(expected).float())
 
 
 def test_scenic_zip_with_missing_parameter_names_it(tmp_path):

@@ -181,6 +181,15 @@ def test_missing_split_folder_is_one_error_naming_the_expected_layout(model_path
     assert not (tmp_path / "r.json").exists()
 
 
+def test_train_and_val_with_different_class_folders_name_the_differing_classes(model_path, tmp_path):
+    layouts.imagenet(tmp_path / "in")
+    (tmp_path / "in" / "val" / "n01443537").rename(tmp_path / "in" / "val" / "n09999999")
+    args = parse(["--model", str(model_path), "--tasks", "knn", "--data", f"imagenet={tmp_path / 'in'}",
+                  "--out", str(tmp_path / "r.json")])
+    with pytest.raises(SystemExit, match=r"differ.*only in train: \['n01443537'\], only in val: \['n09999999'\]"):
+        run_eval(args)
+
+
 # ------------------------------------------------------------------ dense targets and subsets
 
 

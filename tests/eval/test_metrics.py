@@ -18,6 +18,7 @@ from tipstorch.eval.metrics import (
     text_to_image_ranks,
     topk_accuracy,
 )
+from tipstorch.eval.retrieval import retrieval_recall
 
 # target / prediction worked by hand:
 #   valid pixels: (t0,p0) (t0,p1) (t1,p1) (t1,p1) (t2,p0); the 255 pixel is ignored
@@ -188,21 +189,51 @@ TEXT_TO_IMAGE = torch.tensor([0, 0, 1, 1])
 def test_image_to_text_hit_when_any_own_caption_is_in_top_k():
     ranks = image_to_text_ranks(RETRIEVAL_SIM, TEXT_TO_IMAGE)
     # image 0: own caption 0.9 is first; image 1: best own caption 0.5 beaten by 0.7 and 0.6
-    assert ranks.tolist() == [0, 2]
+    assert ranks.above.tolist() == [0, 2] and ranks.tied.tolist() == [0, 0]
     assert recall_at_k(ranks, ks=(1, 2, 3)) == pytest.approx({1: 0.5, 2: 0.5, 3: 1.0})
 
 
 def test_text_to_image_rank_of_own_image():
     ranks = text_to_image_ranks(RETRIEVAL_SIM, TEXT_TO_IMAGE)
-    assert ranks.tolist() == [1, 0, 1, 0]
+    assert ranks.above.tolist() == [1, 0, 1, 0] and ranks.tied.tolist() == [0, 0, 0, 0]
     assert recall_at_k(ranks, ks=(1, 2)) == pytest.approx({1: 0.5, 2: 1.0})
 
 
 def test_image_to_text_ranks_on_a_row_chunk_use_global_image_ids():
     ranks = image_to_text_ranks(RETRIEVAL_SIM[1:], TEXT_TO_IMAGE, image_ids=torch.tensor([1]))
-    assert ranks.tolist() == [2]
+    assert ranks.above.tolist() == [2]
 
 
 def test_image_without_caption_is_an_error():
     with pytest.raises(ValueError, match="images without any caption"):
         image_to_text_ranks(RETRIEVAL_SIM, torch.tensor([0, 0, 0, 0]))
+
+
+def test_collapsed_embeddings_score_chance_recall_not_perfect_recall():
+    # every image embedding equal (a collapsed model): all similarities of a text are tied
+    num_images = 8
+    images = torch.ones(num_images, 4)
+    texts = torch.randn(2 * num_images, 4)
+    text_to_image = torch.arange(num_images).repeat_interleave(2)
+    result = retrieval_recall(images, texts, text_to_image, ks=(1, 4))
+    assert result["text_to_image_r1"] == pytest.approx(1 / num_images)
+    assert result["text_to_image_r4"] == pytest.approx(4 / num_images)
+    # image->text: all rows are the same, so the single best text is a hit for its own image only
+    assert result["image_to_text_r1"] == pytest.approx(1 / num_images)
+    # both towers collapsed: each image's 2 captions are tied with 14 others (counted as one place)
+    fully = retrieval_recall(images, torch.ones(2 * num_images, 4), text_to_image, ks=(1,))
+    assert fully["image_to_text_r1"] == pytest.approx(1 / 15)
+    assert fully["text_to_image_r1"] == pytest.approx(1 / num_images)
+
+
+def test_ties_share_the_places_they_occupy():
+    similarity = torch.tensor([[0.5, 0.9, 0.5, 0.5, 0.1]])  # right answer (column 0) tied with 2 others
+    ranks = text_to_image_ranks(similarity.T, torch.tensor([0]))
+    assert (ranks.above.item(), ranks.tied.item()) == (1, 2)
+    assert recall_at_k(ranks, ks=(1, 2, 3, 4)) == pytest.approx({1: 0.0, 2: 1 / 3, 3: 2 / 3, 4: 1.0})
+
+
+def test_topk_accuracy_of_constant_scores_is_chance():
+    scores = torch.zeros(6, 3)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    assert topk_accuracy(scores, labels, ks=(1, 2)) == pytest.approx({"top1": 1 / 3, "top2": 2 / 3})

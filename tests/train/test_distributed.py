@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from tests.helpers import assert_close_to_scale
 from tests.train.loop_helpers import first, parameters, tiny_cfg
 from tipstorch.train.loop import Trainer
 from tipstorch.weights.factory import get_tokenizer
@@ -47,9 +48,9 @@ def test_two_gloo_processes_agree_and_match_one_process_on_the_whole_batch(tmp_p
     expected = parameters(single.student)
     for name, value in ranks[0]["parameters"].items():
         assert torch.equal(value, ranks[1]["parameters"][name]), name
+        # parameters after a few Adam steps: their differences scale with the learning rate, not with |value|
         torch.testing.assert_close(value, expected[name], rtol=1e-4, atol=1e-5, msg=name)
     # each rank's total has its own self-supervised parts; their mean is the whole batch's
     mean_total = [(a + b) / 2 for a, b in zip(ranks[0]["total"], ranks[1]["total"], strict=True)]
-    torch.testing.assert_close(torch.tensor(mean_total), torch.tensor([step["total"] for step in single_history]),
-                               rtol=1e-4, atol=1e-4)
+    assert_close_to_scale(torch.tensor(mean_total), torch.tensor([step["total"] for step in single_history]))
     assert (tmp_path / "run" / "last.pt").exists()

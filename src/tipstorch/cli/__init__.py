@@ -17,6 +17,7 @@ from tipstorch.cli.engine import add_engine_parsers
 from tipstorch.cli.eval import add_eval_parser
 from tipstorch.cli.inference import add_inference_parsers
 from tipstorch.cli.train import add_train_parser
+from tipstorch.weights.cache import DownloadError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,7 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``tipstorch`` console script."""
     args = build_parser().parse_args(argv)
-    status = args.func(args)
+    try:
+        status = args.func(args)
+    except DownloadError as error:
+        raise SystemExit(f"error: {error}") from None
     if isinstance(status, int) and status:
         raise SystemExit(status)
 

@@ -8,7 +8,9 @@ from collections.abc import Sequence
 
 import torch
 
+from tipstorch.data import images
 from tipstorch.data.transforms import image_transform
+from tipstorch.models.tokenizer import LazyTokenizer
 from tipstorch.weights.factory import create_model, get_tokenizer, load_model
 
 
@@ -23,12 +25,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def model_from_args(args: argparse.Namespace):
-    """The model and tokenizer that ``--model`` / ``--random`` name, in eval mode on ``--device``."""
+    """The model and tokenizer that ``--model`` / ``--random`` name, in eval mode on ``--device``. The
+    tokenizer is loaded (perhaps downloaded) only when a text is first encoded."""
     if args.random:
         model = create_model(args.model, pretrained=False, device=args.device)
     else:
         model = load_model(args.model, device=args.device)
-    return model, get_tokenizer(args.tokenizer or model)
+    return model, LazyTokenizer(lambda: get_tokenizer(args.tokenizer or model))
 
 
 def autocast(args: argparse.Namespace):
@@ -36,14 +39,14 @@ def autocast(args: argparse.Namespace):
 
 
 def open_image(path: str):
-    """The RGB PIL image in ``path``; exits with one clear error naming the file if it cannot be read."""
-    from PIL import Image, UnidentifiedImageError
+    """The upright RGB PIL image in ``path``; exits with one clear error naming the file if it cannot be
+    read or exceeds the pixel limit (``$TIPSTORCH_MAX_IMAGE_PIXELS``)."""
+    from PIL import UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (FileNotFoundError, UnidentifiedImageError, OSError) as error:
-        raise SystemExit(f"error: cannot read image {path}: {error}") from error
+        return images.open_image(path)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:  # ImageTooLargeError: ValueError
+        raise SystemExit(f"error: cannot read image {path}: {error}") from None
 
 
 def load_images(paths: Sequence[str], image_size: int, keep_aspect: bool) -> list[torch.Tensor]:

@@ -124,8 +124,10 @@ class MultiCropCollate:
         self.context_length = context_length
         others = tuple(s for s in CAPTION_SOURCES if s != config.alt_source)
         self.alt_sampler = CaptionSampler({config.alt_source: 1.0}, fallback=("caption", *others))
+        # any caption the sample has is a fallback, so every sample a reader yields (it has at least one
+        # non-empty caption) can be collated
         self.synthetic_sampler = CaptionSampler(
-            config.caption_weights, fallback=("caption", config.alt_source)
+            config.caption_weights, fallback=("caption", config.alt_source, *others)
         )
 
     def _crop(self, image, size: int, scale: tuple[float, float], flip: bool) -> torch.Tensor:

@@ -25,6 +25,8 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
+from tipstorch.data.images import open_image
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm")
 
 
@@ -43,20 +45,20 @@ def _require(path: Path, what: str) -> Path:
     return path
 
 
-def _open_image(path: Path) -> Image.Image:
+def _open_image(path: Path, mode: str | None = None) -> Image.Image:
+    """The decoded, upright image (see ``tipstorch.data.images``); CorruptSampleError naming the file if it
+    cannot be decoded or exceeds the pixel limit."""
     try:
-        with Image.open(path) as image:
-            image.load()
-            return image
+        return open_image(path, mode)
     except FileNotFoundError:
         raise
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
+    except (OSError, ValueError, SyntaxError) as err:  # ImageTooLargeError is a ValueError
         raise CorruptSampleError(path, str(err)) from err
 
 
 def load_rgb(path: Path | str) -> Image.Image:
-    """Decoded RGB image; CorruptSampleError if the file cannot be decoded."""
-    return _open_image(Path(path)).convert("RGB")
+    """Decoded, upright RGB image; CorruptSampleError if the file cannot be decoded."""
+    return _open_image(Path(path), "RGB")
 
 
 def load_label_map(path: Path | str) -> np.ndarray:
@@ -77,6 +79,23 @@ def _check_size(image: Image.Image, target: np.ndarray, path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def class_folders(root: Path) -> list[str]:
+    """The sorted names of the class folders in ``root`` (an ImageNet split: its wnids)."""
+    return sorted(p.name for p in root.iterdir() if p.is_dir())
+
+
+def check_same_classes(first: Path, second: Path) -> None:
+    """Raise one ValueError listing the differing names when two split folders hold different class
+    folders: each split numbers its classes by sorted name, so labels would not agree."""
+    first_set, second_set = set(class_folders(first)), set(class_folders(second))
+    if first_set != second_set:
+        raise ValueError(
+            f"class folders of {first} and {second} differ, so their labels would not agree: "
+            f"only in {first.name}: {sorted(first_set - second_set)[:20]}, "
+            f"only in {second.name}: {sorted(second_set - first_set)[:20]}"
+        )
+
+
 class ImageFolderDataset(Dataset):
     """root/<class folder>/<image>; label = index of the folder in sorted order (ImageNet: sorted wnids).
 
@@ -86,7 +105,7 @@ class ImageFolderDataset(Dataset):
 
     def __init__(self, root: Path | str, class_names_file: Path | str | None = None) -> None:
         self.root = _require(Path(root), "image folder root")
-        self.classes = sorted(p.name for p in self.root.iterdir() if p.is_dir())
+        self.classes = class_folders(self.root)
         if not self.classes:
             raise FileNotFoundError(f"no class folders in {self.root}")
         self.samples = [

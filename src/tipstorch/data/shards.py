@@ -25,6 +25,7 @@ import webdataset as wds
 from PIL import Image
 
 from tipstorch.data.captions import CAPTION_SOURCES, available_captions
+from tipstorch.data.images import open_image
 from tipstorch.data.records import ShardWriteSummary, write_record_shards
 from tipstorch.data.sample import ImageTextSample
 from tipstorch.data.streams import ReadStats, consumer_slot, epoch_share
@@ -44,8 +45,7 @@ def decode_sample(key: str, image: bytes | str | Path, meta: Mapping[str, object
     file fails now rather than later in a worker.
     """
     try:
-        with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as opened:
-            rgb = opened.convert("RGB")
+        rgb = open_image(image)
     except Exception as exn:  # PIL raises many types (OSError, SyntaxError, struct.error, ...) on bad data
         raise CorruptSampleError(f"undecodable image: {type(exn).__name__}: {exn}") from exn
     captions = available_captions(meta)

@@ -22,6 +22,7 @@ from tipstorch.data.formats import (
     KarpathyCaptions,
     NYUDepthV2,
     VOCSegmentation,
+    check_same_classes,
 )
 from tipstorch.eval.context import SCENES, EvalContext
 from tipstorch.eval.metrics import nyu_eigen_crop_mask
@@ -64,6 +65,9 @@ def _imagenet_split(root: Path, split: str, class_names: Path | None = None) -> 
     folder = root / split
     if not folder.is_dir():
         raise FileNotFoundError(f"imagenet: expected {folder}/<class>/<image> (e.g. {split}/n01440764/*.JPEG)")
+    other = root / ("val" if split == "train" else "train")
+    if other.is_dir():
+        check_same_classes(root / "train", root / "val")
     return ImageFolderDataset(folder, class_names)
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -274,8 +275,36 @@ class NormalsMetric:
 # --------------------------------------------------------------------------------------------
 
 
+class TiedRanks(NamedTuple):
+    """Where the right answer ranks for each of Q queries: ``above`` long [Q] candidates score strictly
+    higher, ``tied`` long [Q] other candidates score exactly the same. Under a uniformly random order of
+    the tied group the rank is uniform on ``above .. above + tied``, so a model whose scores are all
+    equal scores recall@1 = 1/N, not 1 (and not 0)."""
+
+    above: torch.Tensor
+    tied: torch.Tensor
+
+    @staticmethod
+    def cat(parts: Sequence[TiedRanks]) -> TiedRanks:
+        return TiedRanks(torch.cat([part.above for part in parts]), torch.cat([part.tied for part in parts]))
+
+
+def _ranks_against(scores: torch.Tensor, right: torch.Tensor, dim: int) -> TiedRanks:
+    """Ranks of ``right`` (the right answer's score, broadcastable to ``scores``) along ``dim``; the right
+    answer itself is one of the equal scores and is not counted as a tie."""
+    return TiedRanks((scores > right).sum(dim=dim), (scores == right).sum(dim=dim) - 1)
+
+
+def recall_at_k(ranks: TiedRanks, ks: Sequence[int] = (1, 5, 10)) -> dict[int, float]:
+    """Expected fraction of queries whose right answer is among the top k, for each k, ties broken at
+    random: a query counts ``clamp(k - above, 0, tied + 1) / (tied + 1)``."""
+    above, group = ranks.above.float(), ranks.tied.float() + 1
+    return {k: float(((k - above).clamp(0, None).minimum(group) / group).mean()) for k in ks}
+
+
 def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
-    """Top-k accuracy of class scores [N, C] against labels [N]; keys ``top{k}``.
+    """Top-k accuracy of class scores [N, C] against labels [N]; keys ``top{k}``. Classes scoring the same
+    as the right one share the places they occupy (see ``recall_at_k``).
 
     A k larger than the number of classes is left out (it would always be 1).
     """
@@ -285,36 +314,37 @@ def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] 
     valid_ks = [k for k in ks if k <= num_classes]
     if not valid_ks:
         return {}
-    top = scores.topk(max(valid_ks), dim=1).indices
-    hits = top == labels[:, None].to(top.device)
-    return {f"top{k}": float(hits[:, :k].any(dim=1).float().mean()) for k in valid_ks}
+    right = scores.gather(1, labels[:, None].to(scores.device))
+    recalls = recall_at_k(_ranks_against(scores, right, dim=1), valid_ks)
+    return {f"top{k}": recalls[k] for k in valid_ks}
 
 
-def text_to_image_ranks(similarity: torch.Tensor, text_to_image: torch.Tensor) -> torch.Tensor:
-    """0-based rank of each text's own image among all images.
+def text_to_image_ranks(similarity: torch.Tensor, text_to_image: torch.Tensor) -> TiedRanks:
+    """Rank of each text's own image among all images.
 
     Args:
         similarity: [I, T'] image-text scores for all I images and T' texts (a chunk is fine).
         text_to_image: long [T'], index of each text's image in [0, I).
     Returns:
-        long [T']; rank = number of images scoring strictly higher than the right one (ties
-        count in favour of the right image).
+        ``TiedRanks`` over the T' texts: images scoring higher than / the same as the right one.
     """
-    own = similarity.gather(0, text_to_image[None, :]).squeeze(0)
-    return (similarity > own[None, :]).sum(dim=0)
+    own = similarity.gather(0, text_to_image[None, :])
+    return _ranks_against(similarity, own, dim=0)
 
 
 def image_to_text_ranks(
     similarity: torch.Tensor, text_to_image: torch.Tensor, image_ids: torch.Tensor | None = None
-) -> torch.Tensor:
-    """0-based rank of each image's best-scoring own caption among all texts (COCO/Flickr protocol).
+) -> TiedRanks:
+    """Rank of each image's best-scoring own caption among all texts (COCO/Flickr protocol).
 
     Args:
         similarity: [I', T] scores for I' images (rows, possibly a chunk) against all T texts.
         text_to_image: long [T], image index of every text.
         image_ids: long [I'], global image index of each row (default 0..I'-1).
     Returns:
-        long [I']; an image is a hit at k when rank < k, i.e. any of its captions is in the top k.
+        ``TiedRanks`` over the I' images: an image is a hit at k when any of its captions is in the top
+        k. Ties count other images' captions scoring the same as the best own one (own captions tied
+        with it are one place: a slight underestimate of the expected recall).
     """
     if image_ids is None:
         image_ids = torch.arange(similarity.shape[0], device=similarity.device)
@@ -322,10 +352,6 @@ def image_to_text_ranks(
     if not bool(own.any(dim=1).all()):
         missing = image_ids[~own.any(dim=1)].tolist()
         raise ValueError(f"images without any caption: {missing[:10]}")
-    best_own = similarity.masked_fill(~own, float("-inf")).max(dim=1).values
-    return (similarity > best_own[:, None]).sum(dim=1)
-
-
-def recall_at_k(ranks: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[int, float]:
-    """Fraction of queries whose rank is below k, for each k."""
-    return {k: float((ranks < k).float().mean()) for k in ks}
+    best_own = similarity.masked_fill(~own, float("-inf")).max(dim=1, keepdim=True).values
+    others = similarity.masked_fill(own, float("-inf"))
+    return TiedRanks((others > best_own).sum(dim=1), (others == best_own).sum(dim=1))

@@ -16,7 +16,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from tipstorch.eval.features import ImageEncoder, TextEncoder, Tokenizer, embed_texts, extract_features
-from tipstorch.eval.metrics import image_to_text_ranks, recall_at_k, text_to_image_ranks
+from tipstorch.eval.metrics import TiedRanks, image_to_text_ranks, recall_at_k, text_to_image_ranks
 
 
 def flatten_captions(captions: Sequence[Sequence[str]]) -> tuple[list[str], torch.Tensor]:
@@ -51,7 +51,7 @@ def retrieval_recall(
     for start in range(0, len(texts), chunk_size):
         columns = torch.arange(start, min(start + chunk_size, len(texts)))
         text_ranks.append(text_to_image_ranks(images @ texts[columns].T, text_to_image[columns]))
-    image_ranks, text_ranks = torch.cat(image_ranks), torch.cat(text_ranks)
+    image_ranks, text_ranks = TiedRanks.cat(image_ranks), TiedRanks.cat(text_ranks)
     result = {f"image_to_text_r{k}": v for k, v in recall_at_k(image_ranks, ks).items()}
     result.update({f"text_to_image_r{k}": v for k, v in recall_at_k(text_ranks, ks).items()})
     return result

@@ -2,7 +2,8 @@
 
 Token ids equal to 0 are padding. Embeddings are scaled by sqrt(D) and summed with fixed sinusoidal
 positions; padded keys are masked in attention, the MLP output is zeroed at padded positions, and the
-final states are averaged over the real tokens. Parameter names follow the official PyTorch release
+final states are averaged over the real tokens; the empty text (all padding) pools to zeros, as in the
+official code. Parameter names follow the official PyTorch release
 (``pytorch/text_encoder.py``), so official checkpoints load without renaming.
 """
 
@@ -147,30 +148,31 @@ class TextTransformer(nn.Module):
                 f"token sequence length {token_ids.shape[1]} exceeds the context length "
                 f"{self.config.context_length}"
             )
-        valid = token_ids != PAD_ID
-        empty = (~valid.any(dim=1)).nonzero().flatten().tolist()
-        if empty:
-            raise ValueError(f"text at batch index {empty} has no tokens (empty caption)")
-        return valid
+        return token_ids != PAD_ID
 
     def forward_tokens(self, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Final normed token states [B, L, D] and the real-token mask [B, L]."""
+        """Final normed token states [B, L, D] and the real-token mask [B, L]. A row of padding only (an
+        empty text) attends to its own padding, so its states are finite (torch < 2.5 gives NaN for a
+        query with no key to attend to); they carry no meaning and pooling ignores them."""
         valid = self.check_ids(token_ids)
+        attended = valid | ~valid.any(dim=1, keepdim=True)
         tokens = self.token_embedding(token_ids) * math.sqrt(self.width)
         tokens = tokens + self.positions[: token_ids.shape[1]].to(tokens.dtype)
         for block in self.transformer.resblocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
-                tokens = checkpoint(block, tokens, valid, use_reentrant=False)
+                tokens = checkpoint(block, tokens, attended, use_reentrant=False)
             else:
-                tokens = block(tokens, valid)
+                tokens = block(tokens, attended)
         return self.ln_final(tokens), valid
 
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
-        """Masked mean of the final token states: [B, L] -> [B, D].
+        """Masked mean of the final token states: [B, L] -> [B, D]. A row of padding only (the empty text)
+        gives zeros, as the official ``sum / (count + 1e-8)`` over no tokens does.
 
         The columns after the last real token of every row are dropped first: they change nothing (padded
         keys are masked, padded states are not pooled), so a batch costs what its longest text does."""
-        last_real = self.check_ids(token_ids).any(dim=0).nonzero().max()
-        states, valid = self.forward_tokens(token_ids[:, : int(last_real) + 1])
+        real_columns = self.check_ids(token_ids).any(dim=0).nonzero()
+        kept = int(real_columns.max()) + 1 if real_columns.numel() else 1
+        states, valid = self.forward_tokens(token_ids[:, :kept])
         weights = valid.unsqueeze(-1).to(states.dtype)
         return (states * weights).sum(dim=1) / (weights.sum(dim=1) + 1e-8)

@@ -104,10 +104,18 @@ def download(
     if destination.exists():
         return destination
     if is_offline():
-        raise DownloadError(f"{url} is not in the cache ({destination}) and TIPSTORCH_OFFLINE is set")
+        raise DownloadError(
+            f"{url} is not in the cache ({destination}) and TIPSTORCH_OFFLINE is set: "
+            "copy the file there, or unset TIPSTORCH_OFFLINE to download it"
+        )
     destination.parent.mkdir(parents=True, exist_ok=True)
     partial = destination.with_name(destination.name + ".part")
-    announced = _transfer(url, partial, progress, timeout)
+    try:
+        announced = _transfer(url, partial, progress, timeout)
+    except DownloadError as error:
+        raise DownloadError(
+            f"{error} (cache path: {destination}; without network copy the file there and set TIPSTORCH_OFFLINE=1)"
+        ) from error.__cause__
     received = partial.stat().st_size
     for label, wanted in (("server-announced", announced), ("expected", expected_size)):
         if wanted is not None and received != wanted:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -217,14 +218,23 @@ def save_transformers(model: TIPSModel, directory: str | os.PathLike) -> Path:
     return directory
 
 
+# the tokenizer files a transformers Tipsv2 directory may carry, in order of preference: the SentencePiece
+# model (google/tipsv2-* on the hub), then the tokenizer.json that transformers' Tipsv2Tokenizer saves
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
+
+
 def load_transformers(path: str | os.PathLike) -> TIPSModel:
-    """Load a transformers Tipsv2 directory (config.json + model.safetensors) or its safetensors file."""
+    """Load a transformers Tipsv2 directory (config.json + model.safetensors) or its safetensors file.
+    When the directory carries its own tokenizer (``TOKENIZER_FILES``) the model's config names it."""
     path = Path(path)
     weights = path / "model.safetensors" if path.is_dir() else path
     config_file = weights.parent / "config.json"
     if not config_file.exists():
         raise CheckpointError(f"{weights}: transformers checkpoints need the config.json beside them ({config_file})")
     config = config_from_transformers(json.loads(config_file.read_text()))
+    own_tokenizer = next((f for f in TOKENIZER_FILES if (weights.parent / f).is_file()), None)
+    if own_tokenizer is not None:
+        config = replace(config, tokenizer=str(weights.parent / own_tokenizer))
     state, _ = read_safetensors(weights)
     model = TIPSModel(config)
     load_checked(model, from_transformers_state(state, config, str(weights)), str(weights))
