@@ -14,6 +14,7 @@ from tipstorch.cli import main
 from tipstorch.cli.model_args import open_image as cli_open_image
 from tipstorch.data.folder import FolderDataset
 from tipstorch.data.formats import CorruptSampleError, load_rgb
+from tipstorch.data.image_files import read_image
 from tipstorch.data.images import MAX_PIXELS_ENV, ImageTooLargeError, open_image
 from tipstorch.data.shards import decode_sample
 
@@ -47,7 +48,7 @@ def _is_upright(image):
     return image.size == (2, 4) and tuple(pixels[0, 0]) == RED and tuple(pixels[3, 1]) == BLUE
 
 
-@pytest.mark.parametrize("reader", ["data", "cli", "eval", "training"])
+@pytest.mark.parametrize("reader", ["data", "cli", "eval", "training", "demo"])
 def test_every_reader_returns_the_exif_upright_image(tmp_path, reader):
     path = _sideways_png(tmp_path / "phone.png")
     assert Image.open(path).size == (4, 2)  # as stored
@@ -56,6 +57,7 @@ def test_every_reader_returns_the_exif_upright_image(tmp_path, reader):
         "cli": lambda: cli_open_image(str(path)),
         "eval": lambda: load_rgb(path),
         "training": lambda: decode_sample("phone", path.read_bytes(), {"caption": "x"}).image,
+        "demo": lambda: read_image(path),  # uploads to the demo and the dense commands
     }[reader]()
     assert _is_upright(read)
 

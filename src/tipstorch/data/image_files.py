@@ -11,7 +11,7 @@ import os
 import warnings
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 MAX_PIXELS = 40_000_000  # 40 megapixels (a 7,700 x 5,200 photo), far below what exhausts memory
 MAX_FILE_BYTES = 64 << 20
@@ -24,7 +24,7 @@ class ImageFileError(ValueError):
 def read_image(
     source: str | os.PathLike | bytes, max_pixels: int = MAX_PIXELS, name: str | None = None
 ) -> Image.Image:
-    """The RGB PIL image in a file (path) or in encoded bytes, fully decoded.
+    """The RGB PIL image in a file (path) or in encoded bytes, fully decoded and upright (EXIF orientation).
 
     Raises ``ImageFileError`` when the input is missing, empty, larger than ``MAX_FILE_BYTES``, not an
     image PIL can identify, truncated, or more than ``max_pixels`` pixels (decompression bomb).
@@ -53,7 +53,7 @@ def read_image(
                         f"{label}: {width} x {height} = {width * height:,} pixels is more than the limit of "
                         f"{max_pixels:,} (a decompression bomb or a huge image); resize it first"
                     )
-                return image.convert("RGB")
+                return ImageOps.exif_transpose(image).convert("RGB")  # upright, as a phone shows it
     except ImageFileError:
         raise
     except UnidentifiedImageError as error:
