@@ -19,8 +19,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import faiss
 import numpy as np
+
+from tipstorch.engine.faiss_import import require_faiss
 
 RADIUS_FROM: tuple[str, ...] = ("target", "pool")
 
@@ -103,7 +104,7 @@ def kmeans_centroids(
         raise ValueError(
             f"k-means needs at least as many target images as clusters: {len(data)} < {clusters}"
         )
-    kmeans = faiss.Kmeans(
+    kmeans = require_faiss().Kmeans(
         data.shape[1],
         clusters,
         niter=iterations,
@@ -122,7 +123,7 @@ def assign_nearest(embeddings: np.ndarray, centroids: np.ndarray) -> tuple[np.nd
     data = _as_float32(embeddings, "assigned")
     if data.shape[1] != centroids.shape[1]:
         raise ValueError(f"embedding width {data.shape[1]} differs from the centres' {centroids.shape[1]}")
-    index = faiss.IndexFlatL2(centroids.shape[1])
+    index = require_faiss().IndexFlatL2(centroids.shape[1])
     index.add(np.ascontiguousarray(centroids, dtype=np.float32))
     squared, nearest = index.search(data, 1)
     return nearest[:, 0].astype(np.int64), np.sqrt(np.maximum(squared[:, 0], 0.0))

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import faiss
 import numpy as np
+
+from tipstorch.engine.faiss_import import require_faiss
 
 _ROUNDING = (
     1e-6  # float32 inner products of unit vectors: a cosine equal to the threshold may come out just below
@@ -40,7 +41,7 @@ def _neighbours(queries: np.ndarray, reference: np.ndarray, threshold: float) ->
         return []
     if queries.shape[1] != reference.shape[1]:
         raise ValueError(f"embedding widths differ: {queries.shape[1]} vs reference {reference.shape[1]}")
-    index = faiss.IndexFlatIP(reference.shape[1])
+    index = require_faiss().IndexFlatIP(reference.shape[1])
     index.add(reference)
     limits, similarities, rows = index.range_search(queries, float(threshold) - _ROUNDING)
     return [
