@@ -25,22 +25,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from matmul_peak import matmul_seconds
 from torch.utils.flop_counter import FlopCounterMode
 
 PRECISIONS = ("fp32", "bf16-autocast", "bf16-weights")
 
-
-def matmul_seconds(dtype: torch.dtype, size: int = 1024) -> tuple[float, float]:
-    """(seconds, FLOPs) of a [size, size] @ [size, size] matmul in ``dtype``: the best of 3 after a warm-up
-    (one round's peak; the rounds' median is the figure)."""
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(3):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return best, 2 * size**3
 
 
 def encoders(weights_dir: Path) -> dict[str, Callable[[torch.dtype], Callable]]:

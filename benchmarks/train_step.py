@@ -27,6 +27,7 @@ import tempfile
 import time
 
 import torch
+from matmul_peak import matmul_seconds
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from tipstorch.train.config import load_config, resolve_config
@@ -44,18 +45,6 @@ ATTENTION_FLOPS = {
     ),
 }
 
-
-def matmul_seconds(dtype: torch.dtype, size: int = 1024) -> tuple[float, float]:
-    """(seconds, FLOPs) of a [size, size] @ [size, size] matmul in ``dtype``: the best of 3 after a warm-up
-    (one round's peak; the rounds' median is the figure)."""
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(3):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return best, 2 * size**3
 
 
 def synthetic_batch(trainer: Trainer, batch: int) -> dict[str, torch.Tensor]:
