@@ -1,9 +1,9 @@
 """``tipstorch demo``: a gradio web page to look at what a model sees.
 
 Tabs: zero-shot segmentation into typed labels, the 150 ADE20K classes of a DPT segmentation head, PCA
-of the patch tokens, depth, surface normals and image-text similarity, all on one uploaded image. Every failure (not an image, a decompression bomb, a
-huge image, empty labels, ...) becomes one message in the page; the traceback goes to the server log
-only and the server keeps serving. The server binds to 127.0.0.1 unless told otherwise.
+of the patch tokens, depth, surface normals and image-text similarity, all on one uploaded image. Every
+failure (not an image, a decompression bomb, a huge image, empty labels, ...) becomes one message in the
+page; the traceback goes to the server log only and the server keeps serving. The server binds to 127.0.0.1 unless told otherwise.
 """
 
 from __future__ import annotations
@@ -107,9 +107,8 @@ class DemoHandlers:
         names = dense_predict.segmentation_class_names(head.head.out_features)
         class_map = dense_predict.predict_segmentation(self.demo.model, head, image)
         areas = dense_predict.class_areas(class_map, names)
-        return class_map_figure(image, class_map, names), {
-            name: round(area, 4) for name, area in areas.items()
-        }
+        rounded = {name: round(area, 4) for name, area in areas.items()}
+        return class_map_figure(image, class_map, names), rounded
 
     def pca(self, upload, fg_threshold: float):
         image = _load(upload)
