@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tipstorch.train.config import LossCfg
-from tipstorch.train.outputs import ContrastiveEmbeddings, StudentOutputs, TeacherScores
+from tipstorch.train.outputs import ContrastiveEmbeddings, StudentOutputs, TeacherScores, supervised_patches
 
 CLIP_GLOBAL = "clip_global"
 CLIP_SPATIAL = "clip_spatial"
@@ -167,12 +167,6 @@ class _SelfDistillationLoss(nn.Module):
         self.student_temp = student_temp
         self.centering = ScoreCentering(num_prototypes, center_momentum)
 
-    def teacher_targets(self, teacher_scores: torch.Tensor, teacher_temp: float) -> torch.Tensor:
-        """teacher_scores [..., K] -> target probabilities [..., K]; records every row for the centre."""
-        targets = self.centering.probabilities(teacher_scores, teacher_temp)
-        self.centering.accumulate(teacher_scores)
-        return targets
-
 
 class DINOLoss(_SelfDistillationLoss):
     """Self-distillation on CLS tokens (paper Eq. 1): every local crop of an image predicts the centred,
@@ -180,6 +174,11 @@ class DINOLoss(_SelfDistillationLoss):
 
     The loss is the mean over the B*M (image, local crop) pairs, so its scale does not depend on M.
     """
+
+    def teacher_targets(self, teacher_scores: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+        """teacher_scores [B, K] -> target probabilities [B, K]; records every row for the centre."""
+        self.centering.accumulate(teacher_scores)
+        return self.centering.probabilities(teacher_scores, teacher_temp)
 
     def forward(self, student_local_scores: torch.Tensor, teacher_targets: torch.Tensor) -> torch.Tensor:
         """student_local_scores [B*M, K] (image-major: row b*M + m is crop m of image b),
@@ -201,27 +200,43 @@ class IBOTPatchLoss(_SelfDistillationLoss):
     ones for iBOT; for iBOT++ they are all N tokens, so each token, visible or masked, weighs 1/N and the
     visible tokens carry the fraction (1 - mask ratio) of the image's loss. An image with no supervised
     token contributes 0 and still counts in the batch mean. Teacher scores [B, N, K] come from the
-    unmasked view; every token counts in the centre.
+    unmasked view; every token counts in the centre, only the supervised ones get targets. Student
+    scores and targets are [S, K], the supervised rows (``outputs.supervised_patches``): the student's
+    head runs on those tokens only.
     """
 
     def __init__(self, num_prototypes: int, student_temp: float, center_momentum: float, all_tokens: bool) -> None:
         super().__init__(num_prototypes, student_temp, center_momentum)
         self.all_tokens = all_tokens
 
+    def supervised(self, tokens: torch.Tensor, patch_mask: torch.Tensor) -> torch.Tensor:
+        """tokens [B, N, ...] -> the supervised rows [S, ...] (see ``outputs.supervised_patches``)."""
+        return supervised_patches(tokens, patch_mask, self.all_tokens)
+
+    def patch_targets(
+        self, teacher_scores: torch.Tensor, teacher_temp: float, patch_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """teacher_scores [B, N, K] -> targets of the supervised rows [S, K]; all B*N rows go to the centre."""
+        self.centering.accumulate(teacher_scores)
+        return self.centering.probabilities(self.supervised(teacher_scores, patch_mask), teacher_temp)
+
     def forward(
         self, student_patch_scores: torch.Tensor, teacher_targets: torch.Tensor, patch_mask: torch.Tensor
     ) -> torch.Tensor:
-        """student_patch_scores [B, N, K] (masked view), teacher_targets [B, N, K], patch_mask bool [B, N]
-        (True = masked for the student) -> scalar."""
-        if student_patch_scores.shape != teacher_targets.shape or patch_mask.shape != student_patch_scores.shape[:2]:
-            raise ValueError(
-                f"IBOTPatchLoss expects student/teacher scores [B, N, K] and mask [B, N], got "
-                f"{tuple(student_patch_scores.shape)}, {tuple(teacher_targets.shape)}, {tuple(patch_mask.shape)}"
-            )
+        """student_patch_scores [S, K] (masked view), teacher_targets [S, K], both on the supervised rows of
+        patch_mask bool [B, N] (True = masked for the student) -> scalar."""
         supervised = torch.ones_like(patch_mask) if self.all_tokens else patch_mask
-        weights = supervised.float() / supervised.sum(dim=-1, keepdim=True).clamp(min=1)
+        rows = int(supervised.sum())
+        if student_patch_scores.shape != teacher_targets.shape or student_patch_scores.shape[:1] != (rows,):
+            raise ValueError(
+                f"IBOTPatchLoss expects student/teacher scores [S, K] of the S={rows} supervised tokens of "
+                f"mask {tuple(patch_mask.shape)}, got {tuple(student_patch_scores.shape)}, "
+                f"{tuple(teacher_targets.shape)}"
+            )
+        weights = 1.0 / supervised.sum(dim=-1, keepdim=True).float().clamp(min=1)  # [B, 1]
+        row_weights = self.supervised(weights.expand(patch_mask.shape), patch_mask)
         per_token = _cross_entropy(teacher_targets, student_patch_scores, self.student_temp)
-        return (per_token * weights).sum() / patch_mask.shape[0]
+        return (per_token * row_weights).sum() / patch_mask.shape[0]
 
 
 class KoLeoLoss(nn.Module):
@@ -305,7 +320,7 @@ class TIPSLoss(nn.Module):
         if self.ibot is not None:
             _require(IBOT, **{"student.patch_scores": student.patch_scores,
                               "teacher.patch_scores": teacher.patch_scores})
-            targets = self.ibot.teacher_targets(teacher.patch_scores, ibot_teacher_temp)
+            targets = self.ibot.patch_targets(teacher.patch_scores, ibot_teacher_temp, patch_mask)
             parts[IBOT] = self.ibot(student.patch_scores, targets, patch_mask)
         if self.koleo is not None:
             _require(KOLEO, **{"student.koleo_cls": student.koleo_cls})
