@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tests.train.train_fakes import tips_loss
+from tipstorch.train import losses
 from tipstorch.train.losses import (
     ContrastiveLoss,
     DINOLoss,
@@ -108,8 +109,11 @@ def _log_softmax_cross_entropy(teacher_probs, student_scores, student_temp):
     return -(teacher_probs * torch.log_softmax(student_scores / student_temp, dim=-1)).sum(dim=-1)
 
 
+@pytest.mark.parametrize("chunk_elements", [2**18, 64], ids=["one chunk", "a row per chunk"])
 @pytest.mark.parametrize("target_shape", [(3, 5, 64), (3, 1, 64)], ids=["same shape", "broadcast (DINO)"])
-def test_soft_cross_entropy_value_and_gradient_match_the_log_softmax_form(target_shape):
+def test_soft_cross_entropy_value_and_gradient_match_the_log_softmax_form(target_shape, chunk_elements, monkeypatch):
+    monkeypatch.setattr(losses, "ROW_CHUNK_ELEMENTS", chunk_elements)
+    assert len(losses.row_chunks(torch.empty(3, 5, 64))) == (1 if chunk_elements > 3 * 5 * 64 else 3)
     generator = torch.Generator().manual_seed(0)
     scores = (torch.rand(3, 5, 64, generator=generator) * 2 - 1).requires_grad_(True)  # cosines
     targets = torch.softmax(torch.randn(target_shape, generator=generator) / 0.04, dim=-1)
@@ -122,6 +126,18 @@ def test_soft_cross_entropy_value_and_gradient_match_the_log_softmax_form(target
     assert fused.shape == (3, 5)
     torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-5 * reference.abs().max().item())
     torch.testing.assert_close(fused_grad, scores.grad, rtol=1e-4, atol=1e-6 * scores.grad.abs().max().item())
+
+
+@pytest.mark.parametrize("chunk_elements", [2**18, 10], ids=["one chunk", "a row per chunk"])
+def test_teacher_probabilities_are_the_softmax_of_centred_sharpened_scores(chunk_elements, monkeypatch):
+    monkeypatch.setattr(losses, "ROW_CHUNK_ELEMENTS", chunk_elements)
+    generator = torch.Generator().manual_seed(2)
+    scores = torch.rand(7, 3, 10, generator=generator) * 2 - 1
+    centering = ScoreCentering(num_prototypes=10, momentum=0.9)
+    centering.center.copy_(torch.linspace(-0.2, 0.2, 10))
+    expected = torch.softmax((scores - centering.center) / 0.04, dim=-1)
+    torch.testing.assert_close(centering.probabilities(scores, 0.04), expected, rtol=1e-5, atol=1e-7)
+    assert centering.probabilities(scores.bfloat16(), 0.04).dtype == torch.float32
 
 
 def test_soft_cross_entropy_gradient_passes_gradcheck_in_float64():

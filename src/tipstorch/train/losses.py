@@ -124,30 +124,59 @@ class ScoreCentering(nn.Module):
 
     @torch.no_grad()
     def probabilities(self, teacher_scores: torch.Tensor, teacher_temp: float) -> torch.Tensor:
-        """teacher_scores [..., K] -> softmax((scores - centre) / teacher_temp) [..., K], float32."""
-        return F.softmax((teacher_scores.float() - self.center) / teacher_temp, dim=-1)
+        """teacher_scores [..., K] -> softmax((scores - centre) / teacher_temp) [..., K], float32; one output
+        tensor, filled chunk by chunk of rows (``row_chunks``)."""
+        scores = teacher_scores.float()
+        probabilities = torch.empty_like(scores)
+        for rows in row_chunks(scores):
+            chunk = torch.sub(scores[rows], self.center, out=probabilities[rows]).div_(teacher_temp)
+            chunk.sub_(chunk.amax(dim=-1, keepdim=True)).exp_()
+            chunk.div_(chunk.sum(dim=-1, keepdim=True))
+        return probabilities
+
+
+ROW_CHUNK_ELEMENTS = 2**18  # float32 values per chunk (1 MB): a chunk stays in cache between its ops
+
+
+def row_chunks(tensor: torch.Tensor) -> list[slice]:
+    """Slices of the first axis of ``tensor`` [R, ...], each of about ``ROW_CHUNK_ELEMENTS`` values (at
+    least one row). The [R, K] prototype scores (K = 32768 in the paper) are worked on chunk by chunk:
+    each element-wise op over a chunk reads it from cache, and no op allocates a whole [R, K] temporary."""
+    per_row = max(1, tensor[:1].numel())
+    step = max(1, ROW_CHUNK_ELEMENTS // per_row)
+    return [slice(start, start + step) for start in range(0, tensor.shape[0], step)]
 
 
 class _SoftCrossEntropy(torch.autograd.Function):
     """-sum_k t_k log softmax(s / tau)_k = logsumexp(s / tau) - sum_k t_k s_k / tau (the targets sum to 1),
-    with the gradient (softmax(s / tau) - t) / tau written out: one float32 [..., K] tensor is kept for the
-    backward instead of the several that autograd keeps and makes for the log-softmax form."""
+    with the gradient (softmax(s / tau) - t) / tau written out. Both run chunk by chunk of rows
+    (``row_chunks``): the forward allocates no [..., K] tensor and keeps for the backward only the scores
+    (alive anyway) and the targets, the backward allocates the gradient only."""
 
     @staticmethod
-    def forward(ctx, student_scores: torch.Tensor, teacher_probs: torch.Tensor, student_temp: float) -> torch.Tensor:
+    def forward(
+        ctx, student_scores: torch.Tensor, teacher_probs: torch.Tensor, student_temp: float
+    ) -> torch.Tensor:
+        scores = student_scores.float()
+        log_normaliser = scores.new_empty(scores.shape[:-1])
+        loss = scores.new_empty(scores.shape[:-1])
         with torch.autocast(student_scores.device.type, enabled=False):
-            logits = student_scores.float() / student_temp
-            log_normaliser = logits.logsumexp(dim=-1)
-            loss = log_normaliser - (teacher_probs * logits).sum(dim=-1)
-        ctx.save_for_backward(logits, log_normaliser, teacher_probs)
+            for rows in row_chunks(scores):
+                logits = scores[rows] / student_temp
+                torch.logsumexp(logits, dim=-1, out=log_normaliser[rows])
+                loss[rows] = log_normaliser[rows] - (teacher_probs[rows] * logits).sum(dim=-1)
+        ctx.save_for_backward(scores, log_normaliser, teacher_probs)
         ctx.student_temp, ctx.scores_dtype = student_temp, student_scores.dtype
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        logits, log_normaliser, teacher_probs = ctx.saved_tensors
-        grad = (logits - log_normaliser.unsqueeze(-1)).exp_().sub_(teacher_probs)
-        grad.mul_(grad_loss.unsqueeze(-1) / ctx.student_temp)
+        scores, log_normaliser, teacher_probs = ctx.saved_tensors
+        scale = (grad_loss / ctx.student_temp).unsqueeze(-1)
+        grad = torch.empty_like(scores)
+        for rows in row_chunks(scores):
+            chunk = torch.div(scores[rows], ctx.student_temp, out=grad[rows])
+            chunk.sub_(log_normaliser[rows].unsqueeze(-1)).exp_().sub_(teacher_probs[rows]).mul_(scale[rows])
         return grad.to(ctx.scores_dtype), None, None
 
 
@@ -156,7 +185,9 @@ def _cross_entropy(teacher_probs: torch.Tensor, student_scores: torch.Tensor, st
     targets broadcast against the scores and, as constants, get no gradient)."""
     if teacher_probs.requires_grad:
         raise ValueError("self-distillation targets must not require grad (compute them under torch.no_grad)")
-    return _SoftCrossEntropy.apply(student_scores, teacher_probs, student_temp)
+    if student_scores.ndim < 2:
+        raise ValueError(f"soft cross-entropy expects scores [R, ..., K], got {tuple(student_scores.shape)}")
+    return _SoftCrossEntropy.apply(student_scores, teacher_probs.expand_as(student_scores), student_temp)
 
 
 class _SelfDistillationLoss(nn.Module):
