@@ -1,21 +1,35 @@
-"""DDP on 2 CPU processes (gloo): the ranks stay identical and match one process on the whole batch."""
+"""DDP and FSDP on 2 CPU processes (gloo) train on the global batches of one process and match it; sharded
+checkpoints resume on 2 and on 1 process, and a single-file checkpoint of 1 process resumes on 2.
+
+One group of 2 processes runs every distributed part (process start-up dominates the time):
+  ddp      4 steps, DDP, head-only EMA teacher;
+  fsdp     FSDP with a full EMA teacher, gradient accumulation and activation checkpointing: 2 steps,
+           checkpoint (last.dcp), then a second Trainer resumes it to step 4 (interrupted + resumed on 2);
+  from_one FSDP resuming the step-2 last.pt of one process to step 4 (1 -> 2).
+The parent process runs the one-process references and resumes the FSDP step-2 checkpoint alone (2 -> 1).
+"""
 
 import os
 import socket
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from tests.helpers import assert_close_to_scale
-from tests.train.loop_helpers import first, parameters, tiny_cfg
+import tipstorch
+from tests.train.loop_helpers import losses, tiny_cfg
 from tipstorch.train.loop import Trainer
+from tipstorch.train.run_state import load_checkpoint
 from tipstorch.weights.factory import get_tokenizer
 
 WORLD = 2
-STEPS = 3
-OVERRIDES = (f"loop.steps={STEPS}", "loop.batch_size=8")
+STEPS, HALF = 4, 2
+COMMON = (f"loop.steps={STEPS}", "loop.batch_size=8", f"loop.checkpoint_every={HALF}")
+DDP = ("loop.parallel=ddp",)
+FSDP = ("loop.parallel=fsdp", "teacher.mode=full", "loop.accumulation_steps=2", "model.grad_checkpointing=true")
 
 
 def free_port() -> int:
@@ -24,33 +38,111 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def whole_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Unsharded weights of a (possibly FSDP) module, on every rank."""
+    state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
+    return {name: value.detach().clone() for name, value in state.items()}
+
+
+def record(trainer: Trainer, history: list[dict[str, float]]) -> dict:
+    return {"student": whole_state(trainer.student), "teacher": whole_state(trainer.teacher),
+            "losses": losses(history)}
+
+
 def run_rank(rank: int, port: int, folder: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD), RANK=str(rank),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    trainer = Trainer(tiny_cfg(*OVERRIDES), get_tokenizer, out_dir=Path(folder) / "run")
-    assert (trainer.context.rank, trainer.context.world_size, trainer.local_batch) == (rank, WORLD, 4)
-    batches = torch.load(Path(folder) / "batches.pt", weights_only=True)
-    rows = slice(rank * 4, (rank + 1) * 4)
-    history = trainer.fit([{key: value[rows] for key, value in batch.items()} for batch in batches]).history
-    torch.save({"parameters": parameters(trainer.student), "total": [step["total"] for step in history]},
-               Path(folder) / f"rank{rank}.pt")
+    folder = Path(folder)
+    results = {}
+    ddp = Trainer(tiny_cfg(*COMMON, *DDP), get_tokenizer, out_dir=folder / "ddp")
+    assert (ddp.context.rank, ddp.context.world_size, ddp.local_batch) == (rank, WORLD, 4)
+    results["ddp"] = record(ddp, ddp.fit().history)
+    first = Trainer(tiny_cfg(*COMMON, *FSDP), get_tokenizer, out_dir=folder / "fsdp")
+    first_half = first.fit(_first(first, HALF)).history
+    state, _ = load_checkpoint(folder / "fsdp")
+    second = Trainer(tiny_cfg(*COMMON, *FSDP), get_tokenizer, out_dir=folder / "fsdp", resume=state)
+    results["fsdp"] = record(second, first_half + second.fit().history)
+    state, _ = load_checkpoint(folder / "one")
+    from_one = Trainer(tiny_cfg(*COMMON, *FSDP), get_tokenizer, out_dir=folder / "from_one", resume=state)
+    results["from_one"] = record(from_one, from_one.fit().history)
+    torch.save(results, folder / f"rank{rank}.pt")
     dist.destroy_process_group()
 
 
-def test_two_gloo_processes_agree_and_match_one_process_on_the_whole_batch(tmp_path):
-    single = Trainer(tiny_cfg(*OVERRIDES), get_tokenizer, out_dir=tmp_path / "single")
-    batches = first(single.batches(), STEPS)
-    torch.save(batches, tmp_path / "batches.pt")
-    mp.spawn(run_rank, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
-    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD)]
-    single_history = single.fit(batches).history
-    expected = parameters(single.student)
-    for name, value in ranks[0]["parameters"].items():
-        assert torch.equal(value, ranks[1]["parameters"][name]), name
-        # parameters after a few Adam steps: their differences scale with the learning rate, not with |value|
-        torch.testing.assert_close(value, expected[name], rtol=1e-4, atol=1e-5, msg=name)
-    # each rank's total has its own self-supervised parts; their mean is the whole batch's
-    mean_total = [(a + b) / 2 for a, b in zip(ranks[0]["total"], ranks[1]["total"], strict=True)]
-    assert_close_to_scale(torch.tensor(mean_total), torch.tensor([step["total"] for step in single_history]))
-    assert (tmp_path / "run" / "last.pt").exists()
+def _first(trainer: Trainer, steps: int):
+    """The trainer's own stream, cut after ``steps`` batches (the run stops there, as if killed after its
+    checkpoint)."""
+    for index, batch in enumerate(trainer.batches()):
+        if index == steps:
+            return
+        yield batch
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("distributed")
+    one = Trainer(tiny_cfg(*COMMON, *FSDP), get_tokenizer, out_dir=folder / "one")
+    one.fit(_first(one, HALF))  # last.pt at step 2, for the 1 -> 2 resume
+    mp.spawn(run_rank, args=(free_port(), str(folder)), nprocs=WORLD, join=True)
+    ranks = [torch.load(folder / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD)]
+    references = {}
+    for name, overrides in (("ddp", DDP), ("fsdp", FSDP)):
+        single = Trainer(tiny_cfg(*COMMON, *overrides), get_tokenizer, out_dir=folder / f"single-{name}")
+        references[name] = record(single, single.fit().history)
+    return folder, ranks, references
+
+
+def assert_same_run(got: dict, expected: dict) -> None:
+    got_losses, expected_losses = got["losses"], expected["losses"]
+    assert len(got_losses) == len(expected_losses) == STEPS
+    for step, (a, b) in enumerate(zip(got_losses, expected_losses, strict=True)):
+        for name in ("total", "clip_global", "clip_spatial", "dino", "ibot", "grad_norm"):
+            assert a[name] == pytest.approx(b[name], rel=1e-4, abs=1e-6), (step, name)
+    for part in ("student", "teacher"):
+        assert got[part].keys() == expected[part].keys()
+        for name, value in got[part].items():
+            # parameters after a few Adam steps: their differences scale with the learning rate, not with |value|
+            torch.testing.assert_close(value, expected[part][name], rtol=1e-4, atol=1e-5, msg=f"{part} {name}")
+
+
+@pytest.mark.parametrize("name", ["ddp", "fsdp", "from_one"])
+def test_two_processes_hold_identical_weights_and_log_identical_losses(runs, name):
+    _, ranks, _ = runs
+    assert ranks[0][name]["losses"] == ranks[1][name]["losses"]
+    for part in ("student", "teacher"):
+        for key, value in ranks[0][name][part].items():
+            assert torch.equal(value, ranks[1][name][part][key]), (part, key)
+
+
+def test_ddp_on_two_processes_equals_one_process(runs):
+    _, ranks, references = runs
+    assert_same_run(ranks[0]["ddp"], references["ddp"])
+
+
+def test_fsdp_interrupted_then_resumed_on_two_processes_equals_one_uninterrupted_process(runs):
+    folder, ranks, references = runs
+    assert_same_run(ranks[0]["fsdp"], references["fsdp"])
+    assert (folder / "fsdp" / "last.dcp").is_dir() and (folder / "fsdp" / "previous.dcp").is_dir()
+    exported = tipstorch.load_model(folder / "fsdp" / "final.safetensors")  # one plain file
+    for key, value in exported.state_dict().items():
+        torch.testing.assert_close(value, ranks[0]["fsdp"]["student"][f"model.{key}"], rtol=0, atol=0)
+
+
+def test_a_single_file_checkpoint_of_one_process_resumes_on_two_fsdp_processes(runs):
+    _, ranks, references = runs
+    expected = references["fsdp"]
+    got = ranks[0]["from_one"]
+    assert len(got["losses"]) == STEPS - HALF
+    assert_same_run(got | {"losses": expected["losses"][:HALF] + got["losses"]}, expected)
+
+
+def test_a_sharded_checkpoint_of_two_processes_resumes_on_one(runs):
+    folder, _, references = runs
+    state, path = load_checkpoint(folder / "fsdp" / "previous.dcp")
+    assert state["step"] == HALF and path.name == "previous.dcp"
+    alone = Trainer(tiny_cfg(*COMMON, *FSDP), get_tokenizer, out_dir=folder / "alone", resume=state)
+    history = alone.fit().history
+    expected = references["fsdp"]
+    got = record(alone, history)
+    assert_same_run(got | {"losses": expected["losses"][:HALF] + got["losses"]}, expected)

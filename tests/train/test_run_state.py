@@ -66,7 +66,7 @@ def test_other_files_are_named_as_not_training_checkpoints(tmp_path):
     torch.save({"weights": torch.zeros(1)}, tmp_path / "model.pt")
     with pytest.raises(CheckpointError, match=r"model\.pt: not a tipstorch training checkpoint"):
         load_checkpoint(tmp_path / "model.pt")
-    with pytest.raises(CheckpointError, match="no last.pt or previous.pt"):
+    with pytest.raises(CheckpointError, match="no last.pt, last.dcp, previous.pt or previous.dcp"):
         load_checkpoint(tmp_path)
 
 

@@ -2,7 +2,9 @@
 
 Built in the DataLoader workers (``collate_fn=MultiCropCollate(...)``). Randomness comes from the
 torch RNG, which PyTorch seeds per worker (``torch.manual_seed`` in the main process makes a run
-repeatable), or from an explicit ``generator``.
+repeatable), from an explicit ``generator``, or from one generator per sample (``generators`` of
+``__call__``: each sample's crops, flips, caption draws and patch mask then depend on its own generator
+alone, not on the other samples of the batch, so a batch cut between processes is collated the same).
 """
 
 from __future__ import annotations
@@ -130,37 +132,46 @@ class MultiCropCollate:
             config.caption_weights, fallback=("caption", config.alt_source, *others)
         )
 
-    def _crop(self, image, size: int, scale: tuple[float, float], flip: bool) -> torch.Tensor:
-        cfg = self.config
-        box = sample_crop_box(image.height, image.width, scale, cfg.ratio, self.generator)
+    def _crop(
+        self, image, size: int, scale: tuple[float, float], flip: bool, generator: torch.Generator | None
+    ) -> torch.Tensor:
+        box = sample_crop_box(image.height, image.width, scale, self.config.ratio, generator)
         return pil_to_tensor(resized_crop(image, box, size, flip))
 
-    def _coin(self, enabled: bool) -> bool:
-        return enabled and float(torch.rand((), generator=self.generator)) < self.config.flip_prob
+    def _coin(self, enabled: bool, generator: torch.Generator | None) -> bool:
+        return enabled and float(torch.rand((), generator=generator)) < self.config.flip_prob
 
-    def __call__(self, samples: Sequence[ImageTextSample]) -> dict[str, Any]:
+    def __call__(
+        self, samples: Sequence[ImageTextSample], generators: Sequence[torch.Generator] | None = None
+    ) -> dict[str, Any]:
+        """samples -> the batch; ``generators`` (one per sample) replace ``self.generator`` for the draws of
+        each sample (crops, flips, captions, then its patch-mask row)."""
         if not samples:
             raise ValueError("MultiCropCollate got an empty list of samples")
+        if generators is not None and len(generators) != len(samples):
+            raise ValueError(f"MultiCropCollate got {len(generators)} generators for {len(samples)} samples")
         cfg = self.config
         global_crops, local_crops, flipped = [], [], []
         alt_texts, synthetic_texts, synthetic_sources = [], [], []
-        for sample in samples:
+        for index, sample in enumerate(samples):
+            generator = generators[index] if generators is not None else self.generator
             image = sample.image.convert("RGB")
-            flip = self._coin(cfg.flip)
+            flip = self._coin(cfg.flip, generator)
             flipped.append(flip)
-            global_crops.append(self._crop(image, cfg.global_size, cfg.global_scale, flip))
+            global_crops.append(self._crop(image, cfg.global_size, cfg.global_scale, flip, generator))
             local_crops.append(
                 torch.stack(
                     [
-                        self._crop(image, cfg.local_size, cfg.local_scale, self._coin(cfg.local_flip))
+                        self._crop(image, cfg.local_size, cfg.local_scale, self._coin(cfg.local_flip, generator),
+                                   generator)
                         for _ in range(cfg.num_local_crops)
                     ]
                 )
                 if cfg.num_local_crops
                 else torch.empty(0, 3, cfg.local_size, cfg.local_size)
             )
-            _, alt = self.alt_sampler(sample.captions, self.generator)
-            source, synthetic = self.synthetic_sampler(sample.captions, self.generator)
+            _, alt = self.alt_sampler(sample.captions, generator)
+            source, synthetic = self.synthetic_sampler(sample.captions, generator)
             if flip:
                 alt, synthetic = flip_caption(alt), flip_caption(synthetic)
             alt_texts.append(alt)
@@ -170,7 +181,7 @@ class MultiCropCollate:
         return {
             "global_crop": torch.stack(global_crops),
             "local_crops": torch.stack(local_crops),
-            "patch_mask": random_patch_mask(len(samples), cfg.num_patches, cfg.mask_ratio, self.generator),
+            "patch_mask": self._patch_mask(len(samples), generators),
             "alt_tokens": self._tokens(alt_texts),
             "synthetic_tokens": self._tokens(synthetic_texts),
             "synthetic_source": synthetic_sources,
@@ -178,6 +189,13 @@ class MultiCropCollate:
             "synthetic_text": synthetic_texts,
             "flipped": torch.tensor(flipped, dtype=torch.bool),
         }
+
+    def _patch_mask(self, rows: int, generators: Sequence[torch.Generator] | None) -> torch.Tensor:
+        """bool [rows, N]: one draw of the whole batch from ``self.generator``, or row i from generator i."""
+        cfg = self.config
+        if generators is None:
+            return random_patch_mask(rows, cfg.num_patches, cfg.mask_ratio, self.generator)
+        return torch.cat([random_patch_mask(1, cfg.num_patches, cfg.mask_ratio, generator) for generator in generators])
 
     def _tokens(self, texts: list[str]) -> torch.Tensor:
         tokens = self.tokenize(texts)

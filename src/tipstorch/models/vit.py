@@ -229,7 +229,7 @@ class VisionTransformer(nn.Module):
         self.register_tokens = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + config.pos_grid**2, dim))
         self.mask_token = nn.Parameter(torch.zeros(1, dim))
-        drop_rates = torch.linspace(0, config.drop_path_rate, config.depth).tolist()
+        drop_rates = torch.linspace(0, config.drop_path_rate, config.depth, device="cpu").tolist()  # also on meta
         self.blocks = nn.ModuleList(Block(config, rate) for rate in drop_rates)
         self.norm = nn.LayerNorm(dim, eps=config.norm_eps)
         self.grad_checkpointing = False

@@ -156,6 +156,12 @@ class LoopCfg:
     out_dir: str = "runs/tips"
     seed: int = 0
     threads: int = 0  # CPU threads of the training process (torch.set_num_threads); 0 = torch's default
+    # Under torchrun (world size > 1): ddp replicates the student, fsdp shards it (FSDP2 fully_shard, for L / SO400m /
+    # g; sharded checkpoints). See train/parallel.py.
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    # fsdp from scratch: build the model on the meta device and initialise each rank's shards only (no rank holds
+    # the whole model; the random draws differ from an unsharded run's). See train/meta_init.py.
+    meta_init: bool = False
 
 
 @dataclass

@@ -37,9 +37,13 @@ def setup_distributed() -> DistributedContext:
     return DistributedContext(rank, world_size, device)
 
 
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def any_rank(flags: list[bool], device: torch.device) -> list[bool]:
     """Element-wise OR of boolean flags over all ranks (the flags themselves without a process group)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if _world() == 1:
         return flags
     values = torch.tensor(flags, dtype=torch.int32, device=device)
     dist.all_reduce(values, op=dist.ReduceOp.MAX)
@@ -48,9 +52,27 @@ def any_rank(flags: list[bool], device: torch.device) -> list[bool]:
 
 def gather_rows(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """[...] on each rank -> [world_size, ...] on CPU in rank order ([1, ...] without a process group)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if _world() == 1:
         return tensor.unsqueeze(0)
     local = tensor.to(device)
     pieces = [torch.empty_like(local) for _ in range(dist.get_world_size())]
     dist.all_gather(pieces, local)
     return torch.stack(pieces).cpu()
+
+
+def mean_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each scalar averaged over all ranks (one all-reduce; the values themselves without a process group)."""
+    if _world() == 1 or not values:
+        return values
+    stacked = torch.stack([value.detach().float().reshape(()) for value in values.values()])
+    dist.all_reduce(stacked, op=dist.ReduceOp.SUM)
+    return dict(zip(values, stacked / _world(), strict=True))
+
+
+def max_over_ranks(value: int, device: torch.device) -> int:
+    """The largest of an integer over all ranks."""
+    if _world() == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())

@@ -18,6 +18,7 @@ image-text model).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -32,14 +33,28 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 from tqdm.auto import tqdm
 
 from tipstorch.models.tips import TIPSConfig, TIPSModel
 from tipstorch.models.tokenizer import Tokenizer
 from tipstorch.train.config import ConfigError, TrainCfg, dump_config
-from tipstorch.train.data import SCENES, training_batches
-from tipstorch.train.distributed import DistributedContext, any_rank, gather_rows, setup_distributed
+from tipstorch.train.data import EPOCH_KEY, SCENES, training_batches
+from tipstorch.train.distributed import (
+    DistributedContext,
+    any_rank,
+    gather_rows,
+    max_over_ranks,
+    mean_over_ranks,
+    setup_distributed,
+)
 from tipstorch.train.init import (
     build_model,
     build_teacher,
@@ -48,13 +63,32 @@ from tipstorch.train.init import (
     trainable,
 )
 from tipstorch.train.losses import TIPSLoss
+from tipstorch.train.meta_init import materialize
 from tipstorch.train.optim import build_optimizer, clip_gradients, set_hyperparams
-from tipstorch.train.run_state import FINAL, LAST, StopOnSignal, rng_state, save_checkpoint, set_rng_state
+from tipstorch.train.parallel import (
+    FSDP,
+    is_sharded,
+    reshard_teacher,
+    shard_teacher,
+    sync_replicated,
+    wrap_student,
+)
+from tipstorch.train.run_state import (
+    FINAL,
+    FORMAT,
+    LAST,
+    VERSION,
+    StopOnSignal,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from tipstorch.train.schedules import TrainingSchedules
+from tipstorch.train.sharded_checkpoint import SHARDED_KEY, load_sharded, save_sharded
 from tipstorch.train.step import forward_backward, update
 from tipstorch.train.student import TIPSStudent
 from tipstorch.train.teacher import Teacher
-from tipstorch.weights.tipstorch_file import save_model
+from tipstorch.weights.tipstorch_file import save_model_state
 
 logger = logging.getLogger("tipstorch.train")
 
@@ -152,25 +186,34 @@ class Trainer:
         if loop.threads > 0:
             torch.set_num_threads(loop.threads)
         _seed_everything(loop.seed)  # the same initial weights on every rank
-        if resume is None:
-            model, start = build_model(cfg.model)
-        else:  # the saved architecture; the weights come with the state
-            model, start = trainable(TIPSModel(TIPSConfig(**resume["model_config"])), cfg.model), None
-        self.model = model
-        self.student = TIPSStudent(model, cfg.heads, cfg.loss)
-        self.loaded_heads = load_heads(self.student, start)
-        self.student.to(self.context.device)
-        self.teacher: Teacher | None = build_teacher(cfg, self.student)
-        if self.teacher is not None:
-            self.teacher.to(self.context.device)
+        self.sharded = world > 1 and loop.parallel == FSDP
+        on_meta = self.sharded and loop.meta_init and cfg.model.init is None and cfg.teacher.mode != "frozen"
+        with torch.device("meta") if on_meta else contextlib.nullcontext():  # shapes only (meta_init.py)
+            if resume is None:
+                model, start = build_model(cfg.model)
+            else:  # the saved architecture; the weights come with the state
+                model, start = trainable(TIPSModel(TIPSConfig(**resume["model_config"])), cfg.model), None
+            self.model = model
+            self.student = TIPSStudent(model, cfg.heads, cfg.loss)
+            self.loaded_heads = load_heads(self.student, start)
+            self.teacher: Teacher | None = build_teacher(cfg, self.student)
+        if not on_meta:
+            self.student.to(self.context.device)
+            if self.teacher is not None:
+                self.teacher.to(self.context.device)
         self.loss = TIPSLoss(cfg.loss, cfg.heads.num_prototypes).to(self.context.device)
         self.continued = continue_teacher_and_centres(start, self.teacher, self.loss)
-        self.optimizer = build_optimizer(self.student.named_parameters(), cfg.optim)
+        self.ddp = wrap_student(self.student, loop.parallel, world, loop.bf16)  # what runs the student's passes
+        if self.sharded:
+            shard_teacher(self.teacher, loop.bf16)
+        if on_meta:
+            materialize(self.student, self.teacher, self.context.device, cfg.model, loop.seed, self.context.rank,
+                        initialise=resume is None)
+        self.optimizer = build_optimizer(self.student.named_parameters(), cfg.optim)  # after sharding: DTensors
         self.schedules = TrainingSchedules(cfg.schedule, cfg.optim, loop.steps)
-        self.ddp = (
-            DistributedDataParallel(self.student) if world > 1 else self.student
-        )
         self.step = 0
+        self.data_epoch = 0  # shard streams: the newest epoch of a trained batch (on any rank, once saved)
+        self.start_epoch: int | None = None  # shard streams resumed with other consumers: the fresh epoch
         self.eval_before: dict[str, float] | None = None
         self.history: list[dict[str, float]] = []
         torch.manual_seed(loop.seed + self.context.rank)  # per-rank stream of the step's own draws (drop-path)
@@ -184,46 +227,93 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ state
 
+    def tensor_state(self) -> dict[str, Any]:
+        """The state dicts of the student, teacher, loss centres and optimiser (keyed by parameter name);
+        under FSDP their values are this rank's DTensor shards."""
+        return {
+            "student": get_model_state_dict(self.student),
+            "teacher": self.teacher.training_state() if self.teacher is not None else {},
+            "loss": self.loss.state_dict(),
+            "optimizer": get_optimizer_state_dict(self.student, self.optimizer),
+        }
+
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs (a collective call: every rank must call it)."""
+        return self.tensor_state() | self.meta_state()
+
+    def meta_state(self) -> dict[str, Any]:
+        """The state besides the tensors of ``tensor_state`` (a collective call)."""
         return {
             "step": self.step,
             "model_config": self.model.config.to_dict(),
-            "student": self.student.state_dict(),
-            "teacher": self.teacher.training_state() if self.teacher is not None else {},
-            "loss": self.loss.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
             "rng": rng_state(lambda tensor: gather_rows(tensor, self.context.device)),
             "data": {"source": self.cfg.data.source, "num_workers": self.cfg.data.num_workers,
-                     "world_size": self.context.world_size},
+                     "world_size": self.context.world_size,
+                     "epoch": max_over_ranks(self.data_epoch, self.context.device)},
             "config": json.loads(json.dumps(dataclasses.asdict(self.cfg))),
             "eval_before": self.eval_before or {},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.student.load_state_dict(state["student"])
-        if self.teacher is not None:
-            self.teacher.load_training_state(state["teacher"])
-        self.loss.load_state_dict(state["loss"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        """Restore a state read by ``run_state.load_checkpoint``: a single file's (whole tensors, from any
+        world size) or a sharded checkpoint's (its tensors read here with DCP, resharded to this run)."""
+        if SHARDED_KEY in state:
+            tensors = self.tensor_state()
+            load_sharded(tensors, state[SHARDED_KEY])
+        else:
+            tensors = state
+        whole = StateDictOptions(full_state_dict=self.sharded and SHARDED_KEY not in state)
+        set_model_state_dict(self.student, tensors["student"], options=whole)
+        if isinstance(self.teacher, nn.Module) and is_sharded(self.teacher):
+            set_model_state_dict(self.teacher, tensors["teacher"], options=whole)
+        elif self.teacher is not None:
+            self.teacher.load_training_state(tensors["teacher"])
+        self.loss.load_state_dict(tensors["loss"])
+        set_optimizer_state_dict(self.student, self.optimizer, tensors["optimizer"], options=whole)
         self.step = int(state["step"])
         self.eval_before = dict(state["eval_before"]) or None
         data = state["data"]
-        saved = (data["num_workers"], data["world_size"])
-        if self.cfg.data.source != SCENES and saved != (self.cfg.data.num_workers, self.context.world_size):
+        saved, now = (data["num_workers"], data["world_size"]), (self.cfg.data.num_workers, self.context.world_size)
+        self.data_epoch = int(data.get("epoch", 0))
+        if self.cfg.data.source != SCENES and saved != now:
+            self.start_epoch = self.data_epoch + 1
             logger.warning(
-                "resuming a shard stream with (num_workers, world_size) = %s instead of %s: the batches after "
-                "the resume differ from those of an uninterrupted run", (self.cfg.data.num_workers,
-                                                                         self.context.world_size), saved)
+                "resuming a shard stream with (num_workers, world_size) = %s instead of %s: the stream restarts "
+                "at epoch %d (no sample is seen twice; the untrained rest of epoch %d is skipped)",
+                now, saved, self.start_epoch, self.data_epoch)
         set_rng_state(state["rng"], self.context.rank)
 
     def save(self, keep: bool = False) -> Path:
-        """Write ``out_dir/last.pt`` (rank 0; every rank takes part in gathering the state)."""
+        """Write ``out_dir/last.pt`` (rank 0; every rank takes part in gathering the state), or under FSDP
+        the sharded ``out_dir/last.dcp`` (every rank writes its shards)."""
+        if self.sharded:
+            meta = {"format": FORMAT, "version": VERSION} | self.meta_state()
+            return save_sharded(self.tensor_state(), meta, self.out_dir, self.context.is_main, keep=keep)
         state = self.state_dict()
         path = self.out_dir / LAST
         if self.context.is_main:
             save_checkpoint(state, self.out_dir, keep=keep)
         return path
+
+    def export_state(self) -> dict[str, torch.Tensor]:
+        """The whole model's weights on rank 0 (a collective call; other ranks get an empty dict under FSDP)."""
+        if not self.sharded:
+            return self.model.state_dict()
+        whole = get_model_state_dict(self.student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        prefix = "model."
+        return {key[len(prefix):]: value for key, value in whole.items() if key.startswith(prefix)}
+
+    def evaluation_model(self) -> TIPSModel | None:
+        """The model to evaluate on rank 0 (a collective call): the trained one, or under FSDP an unsharded
+        copy gathered from the shards (None on the other ranks)."""
+        if not self.sharded:
+            return self.model
+        state = self.export_state()
+        if not self.context.is_main:
+            return None
+        model = TIPSModel(self.model.config).to(self.context.device)
+        model.load_state_dict(state)
+        return model
 
     # ------------------------------------------------------------------------------------------ step
 
@@ -232,11 +322,16 @@ class Trainer:
         cfg, values = self.cfg, self.schedules.at(self.step)
         set_hyperparams(self.optimizer, values.lr, values.weight_decay)
         self.optimizer.zero_grad(set_to_none=True)
+        batch = dict(batch)
+        if EPOCH_KEY in batch:
+            self.data_epoch = max(self.data_epoch, int(batch.pop(EPOCH_KEY)))
         batch = {key: value.to(self.context.device, non_blocking=True) for key, value in batch.items()}
         parts = forward_backward(
             self.student, self.teacher, self.loss, batch, values, cfg.loop.accumulation_steps,
             autocast_dtype=torch.bfloat16 if cfg.loop.bf16 else None, student_pass=self.ddp,
         )
+        sync_replicated(self.student)
+        reshard_teacher(self.teacher)
         grad_norm = clip_gradients(self.student.parameters(), cfg.optim.grad_clip_norm)
         finite = bool(torch.isfinite(parts["total"])) and bool(torch.isfinite(grad_norm))
         if any_rank([not finite], self.context.device)[0]:
@@ -249,6 +344,7 @@ class Trainer:
             )
         update(self.student, self.teacher, self.loss, self.optimizer, values, cfg.loss.min_temperature)
         self.step += 1
+        parts = mean_over_ranks(parts)  # each rank's parts are of its rows: their mean is the global batch's
         return {name: float(value) for name, value in parts.items()} | {
             "grad_norm": float(grad_norm), "lr": values.lr, "temperature": self.model.temperature.item(),
             "teacher_momentum": values.teacher_momentum,
@@ -257,16 +353,20 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ run
 
     def run_evaluation(self) -> dict[str, float]:
-        self.model.eval()
+        """The evaluation's metrics on rank 0 (a collective call under FSDP; {} on the other ranks)."""
+        model = self.evaluation_model()
+        if model is None:
+            return {}
+        model.eval()
         try:
-            return self.evaluate(self.model, self.tokenizer)
+            return self.evaluate(model, self.tokenizer)
         finally:
-            self.model.train()
+            model.train()
 
     def batches(self) -> Iterable[dict[str, torch.Tensor]]:
         return training_batches(
             self.cfg.data, self.tokenizer, self.tokenizer.context_length, self.local_batch, self.cfg.loop.seed,
-            self.step, self.cfg.loop.steps, self.context.rank, self.context.world_size,
+            self.step, self.cfg.loop.steps, self.context.rank, self.context.world_size, self.start_epoch,
         )
 
     def fit(self, batches: Iterable[Mapping[str, torch.Tensor]] | None = None) -> TrainResult:
@@ -276,14 +376,15 @@ class Trainer:
         (no checkpoint written for the failing step).
         """
         loop, main = self.cfg.loop, self.context.is_main
-        evaluating = self.evaluate is not None and main
+        evaluating = self.evaluate is not None  # every rank takes part (FSDP gathers the model), rank 0 logs
         if main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "config.yaml").write_text(dump_config(self.cfg))
         log = TensorboardLog(self.out_dir) if main else None
         if evaluating and self.step == 0 and self.eval_before is None:
-            self.eval_before = self.run_evaluation()
-            log.scalars(self.step, self.eval_before, prefix="eval")
+            self.eval_before = self.run_evaluation() or None
+            if main:
+                log.scalars(self.step, self.eval_before, prefix="eval")
         progress = tqdm(total=loop.steps, initial=self.step, desc="train", unit="step", disable=not main,
                         dynamic_ncols=True)
         saved_step = self.step
@@ -304,7 +405,9 @@ class Trainer:
                         progress.set_postfix_str(_postfix(metrics), refresh=False)
                         log.scalars(self.step, metrics)
                     if evaluating and self.cfg.eval.every and self.step % self.cfg.eval.every == 0 and self.step < loop.steps:
-                        log.scalars(self.step, self.run_evaluation(), prefix="eval")
+                        metrics = self.run_evaluation()
+                        if main:
+                            log.scalars(self.step, metrics, prefix="eval")
                     if any_rank([stop.requested is not None], self.context.device)[0]:
                         result.checkpoint = self.save() if saved_step != self.step else self.out_dir / LAST
                         result.status, result.signal_name = "interrupted", stop.requested or "signal on another rank"
@@ -315,10 +418,12 @@ class Trainer:
                         result.checkpoint, saved_step = self.save(keep=keep), self.step
             result.step = self.step
             progress.close()
+            exported = self.export_state()
             if main:
-                result.export = save_model(self.model, self.out_dir / FINAL)
-                if self.evaluate is not None:
-                    result.eval_after = self.run_evaluation()
+                result.export = save_model_state(self.model.config, exported, self.out_dir / FINAL)
+            if evaluating:
+                result.eval_after = self.run_evaluation() or None
+                if main:
                     log.scalars(self.step, result.eval_after, prefix="eval")
         finally:
             progress.close()

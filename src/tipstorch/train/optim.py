@@ -15,6 +15,7 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from tipstorch.train.config import OptimCfg
 
@@ -76,5 +77,20 @@ def set_hyperparams(optimizer: torch.optim.Optimizer, lr: float, weight_decay: f
 
 
 def clip_gradients(parameters: Iterable[nn.Parameter], max_norm: float) -> torch.Tensor:
-    """Clip the global gradient norm to ``max_norm`` (no clipping when <= 0); returns the norm before clipping."""
-    return nn.utils.clip_grad_norm_(list(parameters), max_norm if max_norm > 0 else float("inf"))
+    """Clip the global gradient norm to ``max_norm`` (no clipping when <= 0); returns the norm before clipping.
+
+    Under FSDP some gradients are DTensor shards and some (the replicated temperature) plain tensors:
+    the norm of the shards is reduced over the ranks (``full_tensor``) and combined with the plain ones',
+    so the norm and the clipping factor are those of the whole model on every rank."""
+    parameters = list(parameters)
+    grads = [parameter.grad for parameter in parameters if parameter.grad is not None]
+    sharded = [grad for grad in grads if isinstance(grad, DTensor)]
+    if not sharded:
+        return nn.utils.clip_grad_norm_(parameters, max_norm if max_norm > 0 else float("inf"))
+    plain = [grad for grad in grads if not isinstance(grad, DTensor)]
+    norms = [nn.utils.get_total_norm(sharded).full_tensor()] + ([nn.utils.get_total_norm(plain)] if plain else [])
+    total = torch.stack([norm.to(norms[0].device) for norm in norms]).norm()
+    if max_norm > 0:
+        factor = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        torch._foreach_mul_([grad.to_local() for grad in sharded] + plain, factor)
+    return total

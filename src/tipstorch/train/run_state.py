@@ -9,6 +9,9 @@ data position and the config. Files of a run directory:
 - ``previous.pt``: the one before it, the fallback when ``last.pt`` is missing or unreadable;
 - ``step-<N>.pt``: permanent copies every ``loop.keep_every`` steps;
 - ``final.safetensors``: the trained model for ``tipstorch.load_model`` (written by the loop).
+
+Under FSDP the checkpoints are sharded directories instead (``last.dcp/``, ``previous.dcp/``,
+``step-<N>.dcp/``, see ``sharded_checkpoint.py``); ``load_checkpoint`` reads either kind.
 """
 
 from __future__ import annotations
@@ -29,12 +32,19 @@ from typing import Any
 import numpy as np
 import torch
 
+from tipstorch.train.sharded_checkpoint import (
+    META,
+    SHARDED_KEY,
+    SHARDED_LAST,
+    SHARDED_PREVIOUS,
+    is_sharded_checkpoint,
+)
 from tipstorch.weights.state_io import CheckpointError, atomic_write
 
 logger = logging.getLogger("tipstorch.train")
 
 FORMAT = "tipstorch-train"
-VERSION = 1
+VERSION = 2  # 2: optimiser state keyed by parameter name (torch.distributed.checkpoint.state_dict)
 LAST = "last.pt"
 PREVIOUS = "previous.pt"
 FINAL = "final.safetensors"
@@ -111,6 +121,12 @@ def save_checkpoint(state: dict[str, Any], directory: str | os.PathLike, keep: b
 
 
 def _read(path: Path) -> dict[str, Any]:
+    """A checkpoint file, or a sharded checkpoint's ``meta.pt`` (the tensors stay in the directory, named
+    under ``SHARDED_KEY`` for the trainer to load into its sharded modules)."""
+    if path.is_dir():
+        if not is_sharded_checkpoint(path):
+            raise CheckpointError(f"{path}: not a complete sharded checkpoint (no {META} or .metadata)")
+        return _read(path / META) | {SHARDED_KEY: str(path)}
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
@@ -122,25 +138,33 @@ def _read(path: Path) -> dict[str, Any]:
     return state
 
 
+def _newest_first(paths: list[Path]) -> list[Path]:
+    return sorted((path for path in paths if path.exists()), key=lambda path: path.stat().st_mtime, reverse=True)
+
+
 def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], Path]:
-    """Read a training checkpoint: a ``.pt`` file, or a run directory (its ``last.pt``, falling back to
-    ``previous.pt`` when ``last.pt`` is missing or unreadable). Returns (state, the file read)."""
+    """Read a training checkpoint: a ``.pt`` file, a sharded ``.dcp`` directory, or a run directory (its
+    newest of ``last.pt`` / ``last.dcp``, falling back to ``previous.pt`` / ``previous.dcp`` when it is
+    missing or unreadable). Returns (state, the path read); a sharded state holds no tensors but the
+    directory under ``SHARDED_KEY``."""
     path = Path(path)
+    if path.suffix == ".dcp" or is_sharded_checkpoint(path):
+        return _read(path), path
     if not path.is_dir():
         if not path.is_file():
             raise CheckpointError(f"training checkpoint not found: {path}")
         return _read(path), path
-    last, previous = path / LAST, path / PREVIOUS
-    if last.is_file():
+    candidates = _newest_first([path / LAST, path / SHARDED_LAST]) + _newest_first(
+        [path / PREVIOUS, path / SHARDED_PREVIOUS]
+    )
+    for index, candidate in enumerate(candidates):
         try:
-            return _read(last), last
+            return _read(candidate), candidate
         except CheckpointError as error:
-            if not previous.is_file():
+            if index == len(candidates) - 1:
                 raise
-            logger.warning("%s; falling back to %s", error, previous)
-    if previous.is_file():
-        return _read(previous), previous
-    raise CheckpointError(f"{path}: no {LAST} or {PREVIOUS} to resume from")
+            logger.warning("%s; falling back to %s", error, candidates[index + 1])
+    raise CheckpointError(f"{path}: no {LAST}, {SHARDED_LAST}, {PREVIOUS} or {SHARDED_PREVIOUS} to resume from")
 
 
 # ---------------------------------------------------------------------------------------------- signals

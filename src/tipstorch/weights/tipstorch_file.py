@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import safe_open, save_file
 
@@ -20,10 +22,16 @@ TIPSTORCH_FORMAT = "tipstorch"
 
 def save_model(model: TIPSModel, path: str | os.PathLike) -> Path:
     """Write a TIPSModel as one safetensors file, config in the metadata; atomic."""
+    return save_model_state(model.config, model.state_dict(), path)
+
+
+def save_model_state(config: TIPSConfig, state: Mapping[str, torch.Tensor], path: str | os.PathLike) -> Path:
+    """Write the weights ``state`` of a TIPSModel of ``config`` (e.g. gathered from FSDP shards) as
+    ``save_model`` does."""
     path = Path(path)
-    metadata = {"format": TIPSTORCH_FORMAT, "config": json.dumps(model.config.to_dict())}
-    state = {key: value.detach().contiguous() for key, value in model.state_dict().items()}
-    atomic_write(path, lambda target: save_file(state, target, metadata=metadata))
+    metadata = {"format": TIPSTORCH_FORMAT, "config": json.dumps(config.to_dict())}
+    tensors = {key: value.detach().contiguous() for key, value in state.items()}
+    atomic_write(path, lambda target: save_file(tensors, target, metadata=metadata))
     return path
 
 
