@@ -10,8 +10,10 @@ overrides ("" = the config as shipped). Each round times one ``Trainer.train_ste
 and a square matmul in bf16 and fp32 (the peak under the load of that round), so a burst of load from
 another process hits every row alike. Printed per row: median images/s, the spread (slowest and
 fastest round over the median), the ratio to the first variant of its (config, batch), CPU seconds per
-step (this process only: with one thread it hardly depends on the other processes' load), GFLOP per step
-and MFU = achieved FLOP/s / median peak of the step's dtype. FLOPs are counted with
+step (this process only: with one thread it hardly depends on the other processes' load), GFLOP per step,
+MFU = achieved FLOP/s / median peak of the step's dtype, and the step's peak memory: the peak resident set
+of the process during one step above its resident set before it (Linux: ``/proc/self/clear_refs`` resets
+the peak; the gradients of the step before are freed first), i.e. activations, gradients and temporaries. FLOPs are counted with
 ``torch.utils.flop_counter.FlopCounterMode`` on the warm-up step (matmuls, convolutions and attention,
 forward and backward; element-wise work and the optimiser are not counted), CPU flash attention being
 added to its table with torch's own sdpa formulas.
@@ -22,9 +24,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 
 import torch
 from matmul_peak import matmul_seconds
@@ -45,6 +49,26 @@ ATTENTION_FLOPS = {
     ),
 }
 
+
+
+def _resident_bytes(field: str) -> int:
+    """``VmRSS`` (now) or ``VmHWM`` (peak since the last reset) of this process, from /proc/self/status."""
+    with open("/proc/self/status") as status:
+        return int(re.search(rf"{field}:\s+(\d+) kB", status.read()).group(1)) * 1024
+
+
+def step_peak_bytes(step: Callable[[], object]) -> float:
+    """Peak resident memory of the process while ``step`` runs, above the resident memory before it (NaN
+    where /proc/self/clear_refs cannot reset the peak, i.e. off Linux)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")  # resets VmHWM to the current VmRSS
+    except OSError:
+        step()
+        return float("nan")
+    before = _resident_bytes("VmRSS")
+    step()
+    return float(_resident_bytes("VmHWM") - before)
 
 
 def synthetic_batch(trainer: Trainer, batch: int) -> dict[str, torch.Tensor]:
@@ -80,6 +104,8 @@ class Row:
         with FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOPS) as counter:
             self.trainer.train_step(self.inputs)  # also the warm-up
         self.flops = counter.get_total_flops()
+        self.trainer.optimizer.zero_grad(set_to_none=True)
+        self.peak_bytes = step_peak_bytes(lambda: self.trainer.train_step(self.inputs))
         self.wall: list[float] = []
         self.cpu: list[float] = []
 
@@ -127,8 +153,10 @@ def main() -> None:
         f"{spread[torch.bfloat16][1]:.2f}), fp32 {peak[torch.float32] / 1e9:.0f} GFLOP/s "
         f"({spread[torch.float32][0]:.2f}-{spread[torch.float32][1]:.2f})\n"
     )
-    print("| config | batch | variant | images/s | spread | vs first | CPU s/step | GFLOP/step | MFU |")
-    print("|---|---:|---|---:|---|---:|---:|---:|---:|")
+    print(
+        "| config | batch | variant | images/s | spread | vs first | CPU s/step | GFLOP/step | MFU | step peak MB |"
+    )
+    print("|---|---:|---|---:|---|---:|---:|---:|---:|---:|")
     results, first = [], {}
     for row in rows:
         seconds = statistics.median(row.wall)
@@ -144,12 +172,14 @@ def main() -> None:
             "cpu_s_per_step": statistics.median(row.cpu),
             "gflop_per_step": row.flops / 1e9,
             "mfu": mfu,
+            "step_peak_mb": row.peak_bytes / 1e6,
         }
         results.append(result)
         print(
             f"| {row.config} | {row.batch} | {result['variant']} | {result['images_per_s']:.2f} | "
             f"{result['spread'][0]:.2f}-{result['spread'][1]:.2f} | {result['speedup_vs_first']:.2f}x | "
-            f"{result['cpu_s_per_step']:.2f} | {result['gflop_per_step']:.0f} | {100 * mfu:.1f}% |"
+            f"{result['cpu_s_per_step']:.2f} | {result['gflop_per_step']:.0f} | {100 * mfu:.1f}% | "
+            f"{result['step_peak_mb']:.0f} |"
         )
     if args.json:
         with open(args.json, "w") as handle:

@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from tipstorch.cli import demo
+from tipstorch.data.formats import ADE20K_CLASS_NAMES
 from tipstorch.weights.factory import scenes_tokenizer_path
 
 SCENE = scenes_tokenizer_path().with_name("example_scene.png")
@@ -25,6 +26,7 @@ def test_without_a_trained_model_the_banner_says_random(tmp_path, monkeypatch):
         and "runs/tiny_cpu/final.safetensors" in prepared.description
     )
     assert "random, untrained" in prepared.head_notes["depth"]
+    assert "--segmentation-head FILE" in prepared.head_notes["segmentation"]
 
 
 def test_the_main_job_model_is_used_when_it_exists(tmp_path, monkeypatch):
@@ -42,6 +44,9 @@ def test_every_tab_returns_pictures_for_an_image(handlers):
     assert (
         status == "" and isinstance(segmentation, Image.Image) and set(areas) == {"circle", "star", "floor"}
     )
+    classes, areas, status = demo._safely(handlers.classes, 2)(str(SCENE))
+    assert status == "" and classes.height == 448 and set(areas) <= set(ADE20K_CLASS_NAMES)
+    assert sum(areas.values()) == pytest.approx(1.0, abs=1e-2)
     pca, status = demo._safely(handlers.pca, 1)(str(SCENE), 0.3)
     assert status == "" and np.asarray(pca).std() > 0
     depth, summary, status = demo._safely(handlers.depth, 2)(str(SCENE))
@@ -52,12 +57,23 @@ def test_every_tab_returns_pictures_for_an_image(handlers):
     assert status == "" and set(probabilities) == {"a ball", "a star"} and len(table) == 2
 
 
+def test_the_ade20k_tab_shows_the_given_head(tmp_path):
+    from tests.test_dense_commands import ade20k_zip
+
+    head = ade20k_zip(tmp_path / "head.zip", winner=2)
+    prepared = demo.prepare_demo_model("tips-tiny", random=True, head_sources={"segmentation": str(head)})
+    assert prepared.head_notes["segmentation"] == f"`{head}`"
+    _, areas, status = demo._safely(demo.DemoHandlers(prepared).classes, 2)(str(SCENE))
+    assert status == "" and areas == {"sky": 1.0}
+
+
 def test_bad_inputs_become_one_message(handlers, tmp_path):
     (tmp_path / "words.png").write_text("no pixels here")
     cases = [
         (handlers.segment, 2, (None, "a, b"), "Upload an image first"),
         (handlers.segment, 2, (str(tmp_path / "words.png"), "a, b"), "words.png: not an image file"),
         (handlers.segment, 2, (str(SCENE), " ,  "), "Type at least two different labels"),
+        (handlers.classes, 2, (None,), "Upload an image first"),
         (handlers.similarity, 2, (str(SCENE), "\n \n"), "Type at least one text"),
     ]
     for handler, outputs, args, message in cases:

@@ -153,7 +153,7 @@ def test_segmentation_in_the_browser_follows_the_labels_and_survives_bad_uploads
     page.wait_for_selector("#upload-status:has-text('holiday.png: not an image file')")
 
     bomb = tmp_path / "bomb.png"
-    Image.new("1", (9_000, 5_000)).save(bomb)  # 45 Mpx that compress to a few kB
+    Image.new("1", (10_000, 9_000)).save(bomb)  # 90 Mpx (above the 89.5 Mpx limit) in a few kB
     _upload(page, bomb)
     page.wait_for_selector("#upload-status:has-text('decompression bomb')")
     page.locator("#labels textarea").fill("red, green")
@@ -166,3 +166,9 @@ def test_segmentation_in_the_browser_follows_the_labels_and_survives_bad_uploads
     page.locator("#segment-button").click()
     page.wait_for_selector("#segment-output img")
     page.wait_for_function("() => !document.querySelector('#segment-status').innerText.includes('Error')")
+
+    page.get_by_role("tab", name="ADE20K classes").click()  # the released segmentation head's tab
+    page.locator("#ade20k-button").click()
+    page.wait_for_selector("#ade20k-output img")
+    assert _image_at(page, "#ade20k-output").std() > 0
+    assert "Error" not in page.locator("#ade20k-status").inner_text()

@@ -10,7 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.eval.test_dense_heads import _flax_layout, _write_zip
 from tipstorch.cli import main
+from tipstorch.data.formats import ADE20K_CLASS_NAMES
 from tipstorch.models.dense import DPTConfig, create_dpt_decoder
 from tipstorch.weights.dense_heads import save_dense_head
 from tipstorch.weights.factory import scenes_tokenizer_path
@@ -81,7 +83,48 @@ def test_segment_writes_per_class_scores_beside_the_picture(tmp_path, capsys):
     assert set(report["scores"]) == {"circle", "star", "floor"}
     assert sum(score["area"] for score in report["scores"].values()) == pytest.approx(1.0)
     assert all(colour.startswith("#") and len(colour) == 7 for colour in report["colours"].values())
+    label_map = np.load(out.with_suffix(".npy"), allow_pickle=False)
+    assert label_map.shape == Image.open(EXAMPLE).size[::-1] and label_map.max() <= 2
+    assert report["scores"]["star"]["area"] == pytest.approx((label_map == 1).mean())
     assert "seg.json" in capsys.readouterr().out
+
+
+def ade20k_zip(path, winner=7, width=TINY_WIDTH):
+    """A segmentation head in the released Scenic zip layout (150 ADE20K classes) whose per-pixel layer
+    ignores the features and picks class ``winner`` everywhere, so that the whole chain (zip -> head ->
+    class map -> names) is checked."""
+    torch.manual_seed(0)
+    head = create_dpt_decoder("segmentation", DPTConfig(width, channels=16))
+    with torch.no_grad():
+        head.head.weight.mul_(1e-6)
+        head.head.bias.zero_()
+        head.head.bias[winner] = 10.0
+    _write_zip(path, _flax_layout(head, "pixel_segmentation"))
+    return path
+
+
+def test_segment_with_a_released_format_head_writes_ade20k_classes(tmp_path, scene, capsys):
+    out = tmp_path / "classes" / "seg.png"
+    zip_path = ade20k_zip(tmp_path / "tips_v2_tiny_segmentation_dpt.zip")
+    tiny("segment", scene, "--head", zip_path, "--image-size", "56", "--out", out)
+    width, height = Image.open(scene).size
+    class_map = np.load(out.with_suffix(".npy"), allow_pickle=False)
+    assert class_map.shape == (height, width) and (class_map == 7).all()
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["classes"] == list(ADE20K_CLASS_NAMES) and report["head"] == str(zip_path)
+    assert report["scores"] == {"bed": {"class": 7, "area": 1.0, "colour": report["scores"]["bed"]["colour"]}}
+    assert Image.open(out).height == 448
+    printed = capsys.readouterr().out
+    assert "1 of 150 classes present" in printed and "bed" in printed
+
+
+def test_segment_needs_labels_or_a_head_not_both(tmp_path):
+    with pytest.raises(SystemExit):
+        tiny("segment", str(EXAMPLE))
+    with pytest.raises(SystemExit):
+        tiny("segment", str(EXAMPLE), "--labels", "a,b", "--head", "released")
+    with pytest.raises(SystemExit, match="(?s)no segmentation head.*--head FILE"):
+        tiny("segment", str(EXAMPLE), "--head", "released")
 
 
 def _pca(out, threshold):

@@ -125,9 +125,11 @@ def segmentation_figure(
     labels: Sequence[str],
     notes: Sequence[str] | None = None,
     height: int = 448,
+    colours: np.ndarray | None = None,
 ) -> Image.Image:
-    """Image | overlay of the label map [H, W] (indices into ``labels``) | legend, ``height`` pixels high."""
-    colours = palette(len(labels))
+    """Image | overlay of the label map [H, W] (indices into ``labels``) | legend, ``height`` pixels high.
+    ``colours``: uint8 [len(labels), 3] (default ``palette(len(labels))``)."""
+    colours = palette(len(labels)) if colours is None else colours
     overlay = Image.blend(image.convert("RGB"), Image.fromarray(colours[label_map]), 0.55)
     joined = side_by_side([image, overlay], height=height)
     key = legend(labels, colours, notes)
@@ -135,3 +137,45 @@ def segmentation_figure(
     canvas.paste(joined, (0, 0))
     canvas.paste(key, (joined.width, 0))
     return canvas
+
+
+OTHER_CLASSES_COLOUR = (128, 128, 128)
+
+
+def class_legend(
+    class_map: np.ndarray, class_names: Sequence[str], max_legend: int = 20
+) -> tuple[np.ndarray, list[str], list[str], np.ndarray]:
+    """What the legend of a many-class map shows (ADE20K: 150 classes): the classes present in
+    ``class_map`` [H, W] (indices into ``class_names``), largest area first, each with its area and its
+    colour of ``palette(len(class_names))`` (the same from image to image); beyond ``max_legend - 1``
+    classes the smaller ones share one grey "N other classes" entry.
+
+    Returns (legend map int64 [H, W] of indices into the entries, entry labels, area notes, colours
+    uint8 [entries, 3]).
+    """
+    counts = np.bincount(class_map.ravel(), minlength=len(class_names))
+    present = [int(i) for i in np.argsort(-counts, kind="stable") if counts[i] > 0]
+    shown = present if len(present) <= max_legend else present[: max_legend - 1]
+    entry = np.full(len(class_names), len(shown), dtype=np.int64)  # default: the "other classes" entry
+    entry[shown] = np.arange(len(shown))
+    colours = palette(len(class_names))[shown]
+    labels = [class_names[i] for i in shown]
+    notes = [f"{counts[i] / class_map.size:.1%}" for i in shown]
+    if len(shown) < len(present):
+        rest = present[len(shown) :]
+        colours = np.concatenate([colours, np.array([OTHER_CLASSES_COLOUR], dtype=np.uint8)])
+        labels.append(f"{len(rest)} other classes")
+        notes.append(f"{counts[rest].sum() / class_map.size:.1%}")
+    return entry[class_map], labels, notes, colours
+
+
+def class_map_figure(
+    image: Image.Image,
+    class_map: np.ndarray,
+    class_names: Sequence[str],
+    max_legend: int = 20,
+    height: int = 448,
+) -> Image.Image:
+    """``segmentation_figure`` of a many-class map with the legend of ``class_legend``."""
+    legend_map, labels, notes, colours = class_legend(class_map, class_names, max_legend)
+    return segmentation_figure(image, legend_map, labels, notes, height, colours)

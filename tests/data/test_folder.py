@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from tipstorch.data.folder import FolderDataset
-from tipstorch.data.shards import CorruptSampleError
+from tipstorch.data.sample import CorruptSampleError
 
 
 def _images(root: Path, names: list[str]) -> None:

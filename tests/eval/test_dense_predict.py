@@ -1,9 +1,7 @@
 """Per-image dense predictions as arrays (depth, normals, zero-shot segmentation, PCA, image-text
-similarity), untrusted image files, and the colour mapping of depth / normals / label maps."""
+similarity) and the colour mapping of depth / normals / label maps."""
 
 from __future__ import annotations
-
-import io
 
 import numpy as np
 import pytest
@@ -11,8 +9,8 @@ import torch
 from PIL import Image
 
 from tests.helpers import tiny_tips
-from tipstorch.data.image_files import ImageFileError, read_image
 from tipstorch.eval.dense_predict import (
+    class_areas,
     clean_labels,
     first_component,
     image_tensor,
@@ -21,11 +19,29 @@ from tipstorch.eval.dense_predict import (
     pca_map,
     predict_depth,
     predict_normals,
+    predict_segmentation,
     resize_to_patches,
+    segmentation_class_names,
+    upsampled_argmax,
     zero_shot_segmentation,
 )
-from tipstorch.models.dense import DepthBinsConfig, DPTConfig, DPTDepthDecoder, DPTNormalsDecoder
-from tipstorch.viz import colour_map, depth_to_rgb, legend, normals_to_rgb, palette, segmentation_figure
+from tipstorch.models.dense import (
+    DepthBinsConfig,
+    DPTConfig,
+    DPTDepthDecoder,
+    DPTNormalsDecoder,
+    DPTSegmentationDecoder,
+)
+from tipstorch.viz import (
+    class_legend,
+    class_map_figure,
+    colour_map,
+    depth_to_rgb,
+    legend,
+    normals_to_rgb,
+    palette,
+    segmentation_figure,
+)
 from tipstorch.weights.factory import get_tokenizer
 
 
@@ -83,6 +99,54 @@ def test_a_head_of_another_width_is_refused(model):
         predict_depth(model, DPTDepthDecoder(DPTConfig(64, channels=8)).eval(), _photo())
     with pytest.raises(TypeError, match="expected a DPTNormalsDecoder"):
         predict_normals(model, DPTDepthDecoder(DPTConfig(32, channels=8)).eval(), _photo())
+
+
+def test_upsampled_argmax_is_the_argmax_of_the_upsampled_logits():
+    logits = torch.randn(11, 5, 7, generator=torch.Generator().manual_seed(0))
+    full = torch.nn.functional.interpolate(logits[None], size=(23, 31), mode="bilinear", align_corners=False)
+    for chunk in (1, 4, 11, 16):
+        assert torch.equal(upsampled_argmax(logits, (23, 31), chunk=chunk), full[0].argmax(dim=0))
+    tied = torch.zeros(3, 2, 2)
+    assert upsampled_argmax(tied, (4, 4), chunk=1).eq(0).all()  # ties: the first class, as argmax
+
+
+def test_predict_segmentation_is_the_head_on_the_resized_image_resized_back(model):
+    torch.manual_seed(0)
+    head = DPTSegmentationDecoder(DPTConfig(32, channels=8), num_classes=7).eval()
+    image = _photo()
+    classes = predict_segmentation(model, head, image)
+    with torch.no_grad():
+        layers = model.visual.forward_intermediates(
+            image_tensor(model, image), indices=[0, 1, 2, 3], norm=True, return_prefix_tokens=True,
+            intermediates_only=True,
+        )  # fmt: skip
+        logits = head(layers, image_size=(31, 45))[0]
+    assert classes.shape == (31, 45) and classes.dtype == np.int64
+    # bilinear upsampling of a chunk equals that of the whole; float noise may flip near-ties only
+    assert (classes == logits.argmax(dim=0).numpy()).mean() > 0.99
+    with pytest.raises(TypeError, match="expected a DPTSegmentationDecoder"):
+        predict_segmentation(model, DPTDepthDecoder(DPTConfig(32, channels=8)).eval(), image)
+
+
+def test_segmentation_classes_are_named_and_measured():
+    names = segmentation_class_names(150)
+    assert names[:3] == ["wall", "building", "sky"] and names[149] == "flag"
+    assert segmentation_class_names(3) == ["class 0", "class 1", "class 2"]
+    class_map = np.array([[2, 2, 2], [0, 2, 0]])
+    assert class_areas(class_map, ["a", "b", "c"]) == {"c": 4 / 6, "a": 2 / 6}  # b is absent
+
+
+def test_a_many_class_legend_lists_the_largest_classes_and_groups_the_rest():
+    names = [f"n{i}" for i in range(150)]
+    class_map = np.repeat(np.array([149, 3, 3, 3, 7, 7, 50, 60]), 4).reshape(4, 8)
+    legend_map, labels, notes, colours = class_legend(class_map, names, max_legend=3)
+    assert labels == ["n3", "n7", "3 other classes"] and notes == ["37.5%", "25.0%", "37.5%"]
+    np.testing.assert_array_equal(colours[:2], palette(150)[[3, 7]])  # each class keeps its colour
+    np.testing.assert_array_equal(legend_map, np.select([class_map == 3, class_map == 7], [0, 1], 2))
+    _, labels, _, _ = class_legend(class_map, names)
+    assert labels == ["n3", "n7", "n50", "n60", "n149"]  # ties: lower class first
+    figure = class_map_figure(Image.new("RGB", (8, 4)), class_map, names, max_legend=3)
+    assert figure.height == 448 and figure.width == 2 * 896 + legend(labels[:3], colours).width
 
 
 def test_zero_shot_segmentation_probabilities_map_and_scores(model, tokenizer):
@@ -151,45 +215,6 @@ def test_image_text_similarity_is_the_cosine_of_the_cls_tokens(model, tokenizer)
         )
     np.testing.assert_allclose(result.global_cosine, (features.global_cls @ text.T)[0].numpy(), atol=1e-5)
     np.testing.assert_allclose(result.spatial_cosine, (features.spatial_cls @ text.T)[0].numpy(), atol=1e-5)
-
-
-# ------------------------------------------------------------------ untrusted image files
-
-
-def _png_bytes(image):
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def test_read_image_decodes_rgb(tmp_path):
-    (tmp_path / "a.png").write_bytes(_png_bytes(Image.new("L", (5, 4), 128)))
-    image = read_image(tmp_path / "a.png")
-    assert image.mode == "RGB" and image.size == (5, 4)
-    assert read_image(_png_bytes(Image.new("RGB", (3, 2)))).size == (3, 2)
-
-
-def test_read_image_refuses_what_is_not_an_image(tmp_path):
-    (tmp_path / "notes.png").write_text("hello, not a picture")
-    with pytest.raises(ImageFileError, match="notes.png: not an image file"):
-        read_image(tmp_path / "notes.png")
-    (tmp_path / "empty.jpg").write_bytes(b"")
-    with pytest.raises(ImageFileError, match="empty.jpg: the file is empty"):
-        read_image(tmp_path / "empty.jpg")
-    with pytest.raises(ImageFileError, match="no such file"):
-        read_image(tmp_path / "absent.png")
-    whole = _png_bytes(_photo(64, 64))
-    with pytest.raises(ImageFileError, match="damaged or truncated"):
-        read_image(whole[: len(whole) // 2], name="cut.png")
-
-
-def test_read_image_refuses_a_decompression_bomb_before_decoding_it():
-    bomb = _png_bytes(Image.new("1", (9_000, 5_000)))  # 45 Mpx of zeros: a few kB of PNG
-    assert len(bomb) < 100_000
-    with pytest.raises(ImageFileError, match="9000 x 5000 = 45,000,000 pixels is more than the limit"):
-        read_image(bomb, name="bomb.png")
-    with pytest.raises(ImageFileError, match="more than the limit of 100"):
-        read_image(_png_bytes(Image.new("RGB", (20, 20))), max_pixels=100)
 
 
 # ------------------------------------------------------------------ colour mapping

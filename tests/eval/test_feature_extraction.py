@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from tipstorch.data.formats import CorruptSampleError
+from tipstorch.data.sample import CorruptSampleError
 from tipstorch.data.transforms import pil_to_tensor
 from tipstorch.eval.features import (
     embed_texts,

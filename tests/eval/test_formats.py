@@ -9,7 +9,6 @@ from PIL import Image
 from tipstorch.data.formats import (
     ADE20K_CLASS_NAMES,
     ADE20KSegmentation,
-    CorruptSampleError,
     DOCCIDescriptions,
     ImageFolderDataset,
     KarpathyCaptions,
@@ -17,6 +16,7 @@ from tipstorch.data.formats import (
     NYUDepthV2Labeled,
     VOCSegmentation,
 )
+from tipstorch.data.sample import CorruptSampleError
 
 
 def _save_rgb(path, size=(6, 4), value=100):

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from tipstorch.data.formats import CorruptSampleError
+from tipstorch.data.sample import CorruptSampleError
 from tipstorch.data.transforms import pil_to_tensor
 from tipstorch.eval.knn import KNNConfig, knn_classification, knn_scores
 from tipstorch.eval.retrieval import evaluate_retrieval, flatten_captions, retrieval_recall

@@ -10,7 +10,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from tests.helpers import assert_close_to_scale
-from tipstorch.data.formats import CorruptSampleError
+from tipstorch.data.sample import CorruptSampleError
 from tipstorch.eval.zeroshot import (
     ZeroShotSegConfig,
     build_text_classifier,

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tests.train.train_fakes import tips_loss
+from tipstorch.train import losses
 from tipstorch.train.losses import (
     ContrastiveLoss,
     DINOLoss,
@@ -108,8 +109,11 @@ def _log_softmax_cross_entropy(teacher_probs, student_scores, student_temp):
     return -(teacher_probs * torch.log_softmax(student_scores / student_temp, dim=-1)).sum(dim=-1)
 
 
+@pytest.mark.parametrize("chunk_elements", [2**18, 64], ids=["one chunk", "a row per chunk"])
 @pytest.mark.parametrize("target_shape", [(3, 5, 64), (3, 1, 64)], ids=["same shape", "broadcast (DINO)"])
-def test_soft_cross_entropy_value_and_gradient_match_the_log_softmax_form(target_shape):
+def test_soft_cross_entropy_value_and_gradient_match_the_log_softmax_form(target_shape, chunk_elements, monkeypatch):
+    monkeypatch.setattr(losses, "ROW_CHUNK_ELEMENTS", chunk_elements)
+    assert len(losses.row_chunks(torch.empty(3, 5, 64))) == (1 if chunk_elements > 3 * 5 * 64 else 3)
     generator = torch.Generator().manual_seed(0)
     scores = (torch.rand(3, 5, 64, generator=generator) * 2 - 1).requires_grad_(True)  # cosines
     targets = torch.softmax(torch.randn(target_shape, generator=generator) / 0.04, dim=-1)
@@ -122,6 +126,18 @@ def test_soft_cross_entropy_value_and_gradient_match_the_log_softmax_form(target
     assert fused.shape == (3, 5)
     torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-5 * reference.abs().max().item())
     torch.testing.assert_close(fused_grad, scores.grad, rtol=1e-4, atol=1e-6 * scores.grad.abs().max().item())
+
+
+@pytest.mark.parametrize("chunk_elements", [2**18, 10], ids=["one chunk", "a row per chunk"])
+def test_teacher_probabilities_are_the_softmax_of_centred_sharpened_scores(chunk_elements, monkeypatch):
+    monkeypatch.setattr(losses, "ROW_CHUNK_ELEMENTS", chunk_elements)
+    generator = torch.Generator().manual_seed(2)
+    scores = torch.rand(7, 3, 10, generator=generator) * 2 - 1
+    centering = ScoreCentering(num_prototypes=10, momentum=0.9)
+    centering.center.copy_(torch.linspace(-0.2, 0.2, 10))
+    expected = torch.softmax((scores - centering.center) / 0.04, dim=-1)
+    torch.testing.assert_close(centering.probabilities(scores, 0.04), expected, rtol=1e-5, atol=1e-7)
+    assert centering.probabilities(scores.bfloat16(), 0.04).dtype == torch.float32
 
 
 def test_soft_cross_entropy_gradient_passes_gradcheck_in_float64():
@@ -182,19 +198,26 @@ def _patch_case():
     return teacher, student, per_token
 
 
+def ibot_loss(
+    loss: IBOTPatchLoss, student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """The loss of [B, N, K] student scores and targets, given on their supervised rows as the step does."""
+    return loss(loss.supervised(student, mask), loss.supervised(teacher, mask), mask)
+
+
 def test_ibot_loss_averages_masked_tokens_per_image_then_images():
     teacher, student, token = _patch_case()
     mask = torch.tensor([[True, False], [True, True]])
     expected = (token[0][0] / 1 + (token[1][0] + token[1][1]) / 2) / 2
     loss = IBOTPatchLoss(2, student_temp=1.0, center_momentum=0.9, all_tokens=False)
-    assert loss(student, teacher, mask).item() == pytest.approx(expected, rel=1e-6)
+    assert ibot_loss(loss, student, teacher, mask).item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_ibot_image_without_masked_tokens_adds_zero_but_counts_in_mean():
     teacher, student, token = _patch_case()
     mask = torch.tensor([[False, False], [True, False]])
     loss = IBOTPatchLoss(2, student_temp=1.0, center_momentum=0.9, all_tokens=False)
-    assert loss(student, teacher, mask).item() == pytest.approx(token[1][0] / 2, rel=1e-6)
+    assert ibot_loss(loss, student, teacher, mask).item() == pytest.approx(token[1][0] / 2, rel=1e-6)
 
 
 def test_ibot_plus_plus_averages_all_tokens_of_each_image():
@@ -202,7 +225,7 @@ def test_ibot_plus_plus_averages_all_tokens_of_each_image():
     mask = torch.tensor([[True, False], [False, False]])
     expected = ((token[0][0] + token[0][1]) / 2 + (token[1][0] + token[1][1]) / 2) / 2
     loss = IBOTPatchLoss(2, student_temp=1.0, center_momentum=0.9, all_tokens=True)
-    assert loss(student, teacher, mask).item() == pytest.approx(expected, rel=1e-6)
+    assert ibot_loss(loss, student, teacher, mask).item() == pytest.approx(expected, rel=1e-6)
 
 
 @pytest.mark.parametrize("all_tokens", [False, True])
@@ -210,10 +233,30 @@ def test_visible_tokens_get_gradient_only_with_ibot_plus_plus(all_tokens):
     teacher, student, _ = _patch_case()
     student.requires_grad_(True)
     mask = torch.tensor([[True, False], [True, False]])
-    IBOTPatchLoss(2, student_temp=0.1, center_momentum=0.9, all_tokens=all_tokens)(student, teacher, mask).backward()
+    loss = IBOTPatchLoss(2, student_temp=0.1, center_momentum=0.9, all_tokens=all_tokens)
+    ibot_loss(loss, student, teacher, mask).backward()
     visible_grad = student.grad[:, 1].abs().sum().item()
     assert (visible_grad > 0) == all_tokens
     assert student.grad[:, 0].abs().sum().item() > 0
+
+
+@pytest.mark.parametrize("all_tokens", [False, True])
+def test_ibot_targets_cover_the_supervised_rows_and_the_centre_every_token(all_tokens):
+    scores = torch.tensor([[[2.0, 0.0], [0.0, 4.0]], [[1.0, 1.0], [3.0, 0.0]]])  # B=2, N=2, K=2
+    mask = torch.tensor([[False, True], [True, False]])
+    loss = IBOTPatchLoss(2, student_temp=0.1, center_momentum=0.0, all_tokens=all_tokens)
+    targets = loss.patch_targets(scores, teacher_temp=1.0, patch_mask=mask)
+    rows = scores.flatten(0, 1) if all_tokens else torch.tensor([[0.0, 4.0], [1.0, 1.0]])
+    torch.testing.assert_close(targets, torch.softmax(rows, dim=-1))
+    loss.centering.step()
+    assert loss.centering.center.tolist() == pytest.approx([1.5, 1.25])  # all 4 tokens, masked or not
+
+
+def test_ibot_loss_rejects_scores_that_are_not_the_supervised_rows():
+    teacher, student, _ = _patch_case()
+    loss = IBOTPatchLoss(2, student_temp=0.1, center_momentum=0.9, all_tokens=False)
+    with pytest.raises(ValueError, match="S=3 supervised tokens"):
+        loss(student.flatten(0, 1), teacher.flatten(0, 1), torch.tensor([[True, False], [True, True]]))
 
 
 # ------------------------------------------------------------------------------------------ KoLeo
@@ -265,7 +308,9 @@ def test_enabled_term_without_its_inputs_is_a_clear_error():
 def test_step_centers_updates_both_centres_once():
     loss = tips_loss(prototypes=2)
     loss.self_supervised_parts(
-        StudentOutputs(ContrastiveEmbeddings(), local_scores=torch.zeros(2, 2), patch_scores=torch.zeros(1, 1, 2)),
+        StudentOutputs(
+            ContrastiveEmbeddings(), local_scores=torch.zeros(2, 2), patch_scores=torch.zeros(1, 2)
+        ),
         TeacherScores(global_scores=torch.tensor([[1.0, 0.0]]), patch_scores=torch.tensor([[[0.0, 2.0]]])),
         patch_mask=torch.tensor([[True]]), dino_teacher_temp=0.07, ibot_teacher_temp=0.04,
     )

@@ -53,11 +53,47 @@ def test_forward_gives_every_enabled_term_its_values_with_their_shapes():
             embeddings.synthetic_text,
         )
     )
-    assert outputs.local_scores.shape == (4 * 2, 32) and outputs.patch_scores.shape == (4, 16, 32)
+    masked_tokens = int(real_batch()["patch_mask"].sum())
+    assert outputs.local_scores.shape == (4 * 2, 32) and outputs.patch_scores.shape == (masked_tokens, 32)
     assert outputs.koleo_cls.shape == (4, 48) and outputs.koleo_cls.requires_grad
     assert (
         outputs.unmasked.patch_tokens.shape == (4, 4, 4, 48) and not outputs.unmasked.global_cls.requires_grad
     )
+
+
+@pytest.mark.parametrize("all_tokens", [False, True])
+def test_the_ibot_head_runs_on_the_supervised_tokens_only(all_tokens):
+    student, _ = real_student(ibot_all_tokens=all_tokens)
+    batch = real_batch()
+    inputs = []
+    student.ibot_head.register_forward_hook(lambda module, args, output: inputs.append(args[0]))
+    outputs = student(batch)
+    masked = student.model.visual.forward_features(batch["global_crop"], batch["patch_mask"]).flat
+    expected = masked.flatten(0, 1) if all_tokens else masked[batch["patch_mask"]]
+    assert len(inputs) == 1 and inputs[0].shape == expected.shape
+    assert_close_to_scale(inputs[0].detach(), expected.detach())
+    assert outputs.patch_scores.shape == (expected.shape[0], HEADS.num_prototypes)
+
+
+@pytest.mark.parametrize("all_tokens", [False, True])
+def test_ibot_loss_equals_the_loss_of_the_head_on_all_tokens_weighted_by_the_mask(all_tokens):
+    # the formula of the head run on all N tokens of the masked pass (what the step computed before the head
+    # ran on the supervised tokens only): per-token cross-entropy, weights mask / masked count per image
+    student, cfg = real_student(ibot_all_tokens=all_tokens)
+    teacher = EMATeacher(student.parts(), mode="full")
+    tips_loss = TIPSLoss(cfg, HEADS.num_prototypes)
+    tips_loss.ibot.centering.center.copy_(torch.linspace(-0.3, 0.3, HEADS.num_prototypes))
+    batch = real_batch()
+    outputs = student(batch)
+    scores = teacher.scores(batch["global_crop"], outputs.unmasked)
+    part = tips_loss.self_supervised_parts(outputs, scores, batch["patch_mask"], 0.07, 0.05)["ibot"]
+    masked = student.model.visual.forward_features(batch["global_crop"], batch["patch_mask"])
+    student_log_probs = torch.log_softmax(student.ibot_head(masked.flat) / cfg.student_temp, dim=-1)
+    targets = torch.softmax((scores.patch_scores - tips_loss.ibot.centering.center) / 0.05, dim=-1)
+    per_token = -(targets * student_log_probs).sum(-1)  # [B, N]
+    supervised = torch.ones_like(batch["patch_mask"]) if all_tokens else batch["patch_mask"]
+    weights = supervised.float() / supervised.sum(-1, keepdim=True)
+    assert_close_to_scale(part.detach(), ((per_token * weights).sum() / supervised.shape[0]).detach())
 
 
 def test_a_disabled_term_gets_no_values_and_no_pass():

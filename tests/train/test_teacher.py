@@ -3,7 +3,14 @@
 import pytest
 import torch
 
-from tests.train.train_fakes import FakeStudent, make_batch, make_student, tips_forward, tips_loss
+from tests.train.train_fakes import (
+    FakeStudent,
+    make_batch,
+    make_student,
+    student_patch_scores,
+    tips_forward,
+    tips_loss,
+)
 from tipstorch.train.outputs import ContrastiveEmbeddings, StudentOutputs, TeacherScores
 from tipstorch.train.teacher import EMATeacher, FrozenTeacher
 
@@ -92,7 +99,7 @@ def self_distillation_gradients(student: FakeStudent, loss, batch: dict, scores:
     masked = student.backbone.forward_features(batch["global_crop"], batch["patch_mask"])
     local_cls = student.backbone.forward_features(batch["local_crops"].flatten(0, 1)).global_cls
     outputs = StudentOutputs(ContrastiveEmbeddings(), local_scores=student.dino_head(local_cls),
-                             patch_scores=student.ibot_head(masked.flat))
+                             patch_scores=student_patch_scores(student, loss, masked, batch["patch_mask"]))
     loss.total(loss.self_supervised_parts(outputs, scores, batch["patch_mask"], 0.07, 0.05)).backward()
     return {name: p.grad.clone() for name, p in student.backbone.named_parameters()}
 

@@ -103,6 +103,13 @@ def contrastive_embeddings(
     )
 
 
+def student_patch_scores(
+    student: FakeStudent, loss: TIPSLoss, masked: ImageFeatures, patch_mask: torch.Tensor
+) -> torch.Tensor | None:
+    """The student's iBOT head on the tokens the loss supervises (None when the iBOT term is off)."""
+    return student.ibot_head(loss.ibot.supervised(masked.flat, patch_mask)) if loss.ibot is not None else None
+
+
 def tips_forward(student: FakeStudent, teacher, loss: TIPSLoss, micro_batch: dict, temps=(0.07, 0.05)):
     """One micro-batch of the recipe: (contrastive embeddings with grad, self-supervised parts)."""
     masked = student.backbone.forward_features(micro_batch["global_crop"], micro_batch["patch_mask"])
@@ -117,7 +124,7 @@ def tips_forward(student: FakeStudent, teacher, loss: TIPSLoss, micro_batch: dic
     outputs = StudentOutputs(
         contrastive_embeddings(student, micro_batch),
         local_scores=student.dino_head(local_cls),
-        patch_scores=student.ibot_head(masked.flat),
+        patch_scores=student_patch_scores(student, loss, masked, micro_batch["patch_mask"]),
         koleo_cls=masked.global_cls,
     )
     parts = loss.self_supervised_parts(outputs, teacher_scores, micro_batch["patch_mask"], *temps)

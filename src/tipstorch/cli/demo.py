@@ -1,9 +1,9 @@
 """``tipstorch demo``: a gradio web page to look at what a model sees.
 
-Tabs: zero-shot segmentation into typed labels, PCA of the patch tokens, depth, surface normals and
-image-text similarity, all on one uploaded image. Every failure (not an image, a decompression bomb, a
-huge image, empty labels, ...) becomes one message in the page; the traceback goes to the server log
-only and the server keeps serving. The server binds to 127.0.0.1 unless told otherwise.
+Tabs: zero-shot segmentation into typed labels, the 150 ADE20K classes of a DPT segmentation head, PCA
+of the patch tokens, depth, surface normals and image-text similarity, all on one uploaded image. Every
+failure (not an image, a decompression bomb, a huge image, empty labels, ...) becomes one message in the
+page; the traceback goes to the server log only and the server keeps serving. The server binds to 127.0.0.1 unless told otherwise.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from tipstorch.data.image_files import ImageFileError, read_image
+from tipstorch.data.images import ImageFileError, open_image
 from tipstorch.eval import dense_predict
-from tipstorch.models.dense import DPTDecoder
+from tipstorch.models.dense import DENSE_TASKS, DPTDecoder
 from tipstorch.models.tips import TIPSModel
-from tipstorch.viz import depth_to_rgb, normals_to_rgb, segmentation_figure, side_by_side
+from tipstorch.viz import class_map_figure, depth_to_rgb, normals_to_rgb, segmentation_figure, side_by_side
 
 LOG = logging.getLogger("tipstorch.cli.demo")
 DEFAULT_LABELS = "sky, tree, road, building, person, car"
@@ -51,7 +51,7 @@ def _load(upload) -> Image.Image:
         raise UserError("Upload an image first.")
     path = upload if isinstance(upload, str | os.PathLike) else getattr(upload, "name", upload)
     try:
-        return read_image(path, name=Path(str(path)).name)
+        return open_image(path, name=Path(str(path)).name)
     except ImageFileError as error:
         raise UserError(f"Cannot use this upload: {error}") from error
 
@@ -100,6 +100,15 @@ class DemoHandlers:
         notes = [f"{scores[label]['area']:.0%}" for label in result.labels]
         figure = segmentation_figure(image, result.label_map, result.labels, notes)
         return figure, {label: round(values["area"], 4) for label, values in scores.items()}
+
+    def classes(self, upload):
+        image = _load(upload)
+        head = self.demo.heads["segmentation"]
+        names = dense_predict.segmentation_class_names(head.head.out_features)
+        class_map = dense_predict.predict_segmentation(self.demo.model, head, image)
+        areas = dense_predict.class_areas(class_map, names)
+        rounded = {name: round(area, 4) for name, area in areas.items()}
+        return class_map_figure(image, class_map, names), rounded
 
     def pca(self, upload, fg_threshold: float):
         image = _load(upload)
@@ -157,6 +166,17 @@ def build_demo(demo_model: DemoModel):
                     _safely(handlers.segment, 2),
                     [upload, labels],
                     [segment_image, segment_scores, segment_status],
+                )
+            with gr.Tab("ADE20K classes", id="ade20k"):
+                gr.Markdown(f"Head: {demo_model.head_notes['segmentation']}")
+                classes_button = gr.Button(
+                    "Segment into ADE20K classes", variant="primary", elem_id="ade20k-button"
+                )
+                classes_image = gr.Image(label="ADE20K classes", type="pil", elem_id="ade20k-output")
+                classes_areas = gr.Label(label="Area per class", num_top_classes=10, elem_id="ade20k-scores")
+                classes_status = gr.Markdown(elem_id="ade20k-status")
+                classes_button.click(
+                    _safely(handlers.classes, 2), [upload], [classes_image, classes_areas, classes_status]
                 )
             with gr.Tab("PCA", id="pca"):
                 threshold = gr.Slider(
@@ -269,7 +289,7 @@ def prepare_demo_model(
         model, description = load_model(model_source, device=device), f"**Model:** `{model_source}`."
     released = {task for name, task in list_dense_heads() if name == model_source and not random}
     heads, notes = {}, {}
-    for task in ("depth", "normals"):
+    for task in DENSE_TASKS:
         source = (head_sources or {}).get(task)
         if source:
             heads[task], notes[task] = load_dense_head(source).to(device), f"`{source}`"

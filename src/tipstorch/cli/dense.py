@@ -2,7 +2,8 @@
 
 tipstorch depth room.jpg --model tipsv2-b14            # room_depth.png + room_depth.npy beside it
 tipstorch normals room.jpg --model tipsv2-b14          # room_normals.png + room_normals.npy
-tipstorch segment street.jpg --labels "road,car,tree,sky" --out seg.png   # + seg.json scores
+tipstorch segment street.jpg --labels "road,car,tree,sky" --out seg.png   # + seg.json scores, seg.npy
+tipstorch segment street.jpg --head released --model tipsv2-b14            # the 150 ADE20K classes
 tipstorch pca photo.jpg --fg-threshold 0.5 --out pca/
 tipstorch demo                                         # http://127.0.0.1:7860
 """
@@ -16,15 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tipstorch.cli.model_args import add_model_arguments, autocast, model_from_args
-from tipstorch.data.image_files import ImageFileError, read_image
-
-
-def _read(path: str) -> Image.Image:
-    try:
-        return read_image(path)
-    except ImageFileError as error:
-        raise SystemExit(f"error: {error}") from error
+from tipstorch.cli.model_args import add_model_arguments, autocast, model_from_args, open_image
 
 
 def _target(image_path: str, out_dir: str | None, suffix: str) -> Path:
@@ -59,7 +52,7 @@ def run_dense_map(args: argparse.Namespace) -> None:
     head = _head(args, task)
     predict, colour = (predict_depth, depth_to_rgb) if task == "depth" else (predict_normals, normals_to_rgb)
     for path in args.images:
-        image = _read(path)
+        image = open_image(path)
         with autocast(args):
             prediction = predict(model, head, image, args.image_size)
         picture, array_path = (
@@ -77,8 +70,29 @@ def run_dense_map(args: argparse.Namespace) -> None:
         print(f"wrote {picture} and {array_path} ({image.width}x{image.height}, {detail})")
 
 
+def _write_segmentation(
+    args: argparse.Namespace, picture: Image.Image, class_map: np.ndarray, report: dict
+) -> Path:
+    """<out> (the picture), <out>.npy (uint8/int16 class of each pixel) and <out>.json (``report``)."""
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    picture.save(out)
+    dtype = np.uint8 if class_map.max(initial=0) < 256 else np.int16
+    np.save(out.with_suffix(".npy"), class_map.astype(dtype), allow_pickle=False)
+    side = out.with_suffix(".json")
+    side.write_text(
+        json.dumps({"image": str(args.image), "model": str(args.model), **report}, indent=2) + "\n"
+    )
+    print(f"wrote {out}, {out.with_suffix('.npy')} and {side}")
+    return side
+
+
 def run_segment(args: argparse.Namespace) -> None:
-    """Zero-shot segmentation into typed labels: picture with a legend + JSON of per-class scores."""
+    """Segmentation into typed labels (zero-shot) or into a DPT head's classes (``--head``: the released
+    ADE20K heads): picture with a legend + class map (.npy) + JSON of per-class scores."""
+    if args.head is not None:
+        run_head_segment(args)
+        return
     from tipstorch.eval.dense_predict import clean_labels, zero_shot_segmentation
     from tipstorch.eval.zeroshot import ZeroShotSegConfig
     from tipstorch.viz import palette, segmentation_figure
@@ -90,33 +104,56 @@ def run_segment(args: argparse.Namespace) -> None:
     model, tokenizer = model_from_args(args)
     size = args.image_size or model.image_size
     config = ZeroShotSegConfig(short_side=size, window=size, stride=args.stride or size * 3 // 4)
-    image = _read(args.image)
+    image = open_image(args.image)
     with autocast(args):
         result = zero_shot_segmentation(model, tokenizer, image, labels, config)
     scores = result.scores()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    segmentation_figure(
+    picture = segmentation_figure(
         image, result.label_map, labels, [f"{scores[label]['area']:.0%}" for label in labels]
-    ).save(out)
+    )
     colours = palette(len(labels))
-    side = out.with_suffix(".json")
-    report = {
-        "image": str(args.image),
-        "model": str(args.model),
-        "labels": labels,
-        "colours": {label: f"#{bytes(colours[i]).hex()}" for i, label in enumerate(labels)},
-        "scores": scores,
-    }
-    side.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out} and {side}")
+    hex_colours = {label: f"#{bytes(colours[i]).hex()}" for i, label in enumerate(labels)}
+    _write_segmentation(
+        args, picture, result.label_map, {"labels": labels, "colours": hex_colours, "scores": scores}
+    )
     print(f"{'label':<24} {'colour':<9} {'mean p':>7} {'conf.':>6} {'area':>6}")
-    for index, label in enumerate(labels):
+    for label in labels:
         score = scores[label]
         print(
-            f"{label:<24} #{bytes(colours[index]).hex():<8} {score['mean_probability']:>7.3f} "
+            f"{label:<24} {hex_colours[label]:<9} {score['mean_probability']:>7.3f} "
             f"{score['confidence']:>6.3f} {score['area']:>6.1%}"
         )
+
+
+def run_head_segment(args: argparse.Namespace) -> None:
+    """The classes of a DPT segmentation head (released: ADE20K, 150 classes) for one image."""
+    from tipstorch.eval.dense_predict import class_areas, predict_segmentation, segmentation_class_names
+    from tipstorch.viz import class_map_figure, palette
+
+    model, _ = model_from_args(args)
+    head = _head(args, "segmentation")
+    names = segmentation_class_names(head.head.out_features)
+    image = open_image(args.image)
+    with autocast(args):
+        class_map = predict_segmentation(model, head, image, args.image_size)
+    areas = class_areas(class_map, names)
+    colours = palette(len(names))
+    report = {
+        "head": args.head,
+        "classes": names,
+        "scores": {
+            name: {
+                "class": names.index(name),
+                "area": area,
+                "colour": f"#{bytes(colours[names.index(name)]).hex()}",
+            }
+            for name, area in areas.items()
+        },
+    }
+    _write_segmentation(args, class_map_figure(image, class_map, names), class_map, report)
+    print(f"{len(areas)} of {len(names)} classes present; largest:")
+    for name, area in list(areas.items())[:10]:
+        print(f"  {name:<24} {area:>6.1%}")
 
 
 def run_pca(args: argparse.Namespace) -> None:
@@ -128,7 +165,7 @@ def run_pca(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for path in args.images:
-        image = _read(path)
+        image = open_image(path)
         with autocast(args):
             try:
                 result = pca_map(model, image, args.image_size, args.fg_threshold)
@@ -152,7 +189,10 @@ def run_demo(args: argparse.Namespace) -> None:
     from tipstorch.cli.demo import launch, prepare_demo_model
 
     demo_model = prepare_demo_model(
-        args.model, args.random, {"depth": args.depth_head, "normals": args.normals_head}, args.device
+        args.model,
+        args.random,
+        {"segmentation": args.segmentation_head, "depth": args.depth_head, "normals": args.normals_head},
+        args.device,
     )
     print(demo_model.description.replace("**", "").replace("`", ""), flush=True)
     print(f"serving on http://{args.host}:{args.port}", flush=True)
@@ -183,12 +223,22 @@ def add_dense_parsers(commands: argparse._SubParsersAction) -> None:
         "segment", help="zero-shot segmentation of an image into text labels (PNG + JSON)"
     )
     segment.add_argument("image")
-    segment.add_argument("--labels", required=True, help='comma-separated class names, e.g. "sky,tree,road"')
+    classes = segment.add_mutually_exclusive_group(required=True)
+    classes.add_argument("--labels", help='zero-shot: comma-separated class names, e.g. "sky,tree,road"')
+    classes.add_argument(
+        "--head",
+        help="the classes of a DPT segmentation head instead: 'released' (the model's released ADE20K "
+        "head, 150 classes), a *_segmentation_dpt.zip, a transformers tipsv2_dpt directory or a head file",
+    )
     segment.add_argument(
-        "--out", default="segmentation.png", help="picture; per-class scores go to <out>.json"
+        "--out",
+        default="segmentation.png",
+        help="picture; the class of each pixel goes to <out>.npy, per-class scores to <out>.json",
     )
     segment.add_argument("--image-size", type=int, help="short side and window size (default: the model's)")
-    segment.add_argument("--stride", type=int, help="sliding-window stride (default: 3/4 of the window)")
+    segment.add_argument(
+        "--stride", type=int, help="zero-shot sliding-window stride (default: 3/4 of the window)"
+    )
     add_model_arguments(segment)
     segment.set_defaults(func=run_segment)
 
@@ -205,7 +255,7 @@ def add_dense_parsers(commands: argparse._SubParsersAction) -> None:
     pca.set_defaults(func=run_pca)
 
     demo = commands.add_parser(
-        "demo", help="web demo (gradio): segmentation, PCA, depth, normals, similarity"
+        "demo", help="web demo (gradio): segmentation, ADE20K classes, PCA, depth, normals, similarity"
     )
     demo.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)"
@@ -221,5 +271,6 @@ def add_dense_parsers(commands: argparse._SubParsersAction) -> None:
         "--depth-head", help="depth head file (default: released head for TIPSv2 names, else random)"
     )
     demo.add_argument("--normals-head", help="normals head file (default: as --depth-head)")
+    demo.add_argument("--segmentation-head", help="ADE20K segmentation head file (default: as --depth-head)")
     demo.add_argument("--device", default="cpu")
     demo.set_defaults(func=run_demo)

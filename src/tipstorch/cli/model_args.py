@@ -40,13 +40,11 @@ def autocast(args: argparse.Namespace):
 
 def open_image(path: str):
     """The upright RGB PIL image in ``path``; exits with one clear error naming the file if it cannot be
-    read or exceeds the pixel limit (``$TIPSTORCH_MAX_IMAGE_PIXELS``)."""
-    from PIL import UnidentifiedImageError
-
+    used (see ``tipstorch.data.images``: limits and how to raise them)."""
     try:
         return images.open_image(path)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:  # ImageTooLargeError: ValueError
-        raise SystemExit(f"error: cannot read image {path}: {error}") from None
+    except images.ImageFileError as error:
+        raise SystemExit(f"error: {error}") from None
 
 
 def load_images(paths: Sequence[str], image_size: int, keep_aspect: bool) -> list[torch.Tensor]:

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from tipstorch.data.sample import ImageTextSample
-from tipstorch.data.shards import CorruptSampleError, decode_sample
+from tipstorch.data.sample import CorruptSampleError, ImageTextSample
+from tipstorch.data.shards import decode_sample
 from tipstorch.data.streams import ReadStats, epoch_share
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -43,7 +43,7 @@ def _entry(root: Path, row: Mapping[str, object], rename: Mapping[str, str], whe
     meta = {rename.get(k, k): v for k, v in row.items()}
     image = next((meta[f] for f in IMAGE_FIELDS if isinstance(meta.get(f), str) and meta[f]), None)
     if image is None:
-        raise CorruptSampleError(f"{where}: no image path in any of the fields {IMAGE_FIELDS}")
+        raise CorruptSampleError(where, f"no image path in any of the fields {IMAGE_FIELDS}")
     label = meta.get("label")
     if isinstance(label, str):  # csv cells are text: "" = no label, digits = the label, else left to fail
         text = label.strip()
@@ -131,10 +131,10 @@ class FolderDataset(torch.utils.data.IterableDataset):
         for where, row in rows:
             try:
                 if isinstance(row, Exception):
-                    raise CorruptSampleError(f"bad row: {row}")
+                    raise CorruptSampleError(where, f"bad row: {row}")
                 self.entries.append(_entry(self.root, row, rename or {}, where))
             except CorruptSampleError as exn:
-                self.stats.record_skip(where, str(exn))
+                self.stats.record_skip(where, exn.reason)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -144,7 +144,7 @@ class FolderDataset(torch.utils.data.IterableDataset):
         try:
             return decode_sample(entry.key, entry.path, entry.meta)
         except CorruptSampleError as exn:
-            raise CorruptSampleError(f"{entry.path}: {exn}") from exn
+            raise CorruptSampleError(entry.path, exn.reason) from exn
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

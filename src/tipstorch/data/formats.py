@@ -25,18 +25,10 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from tipstorch.data.images import open_image
+from tipstorch.data.images import ImageFileError, open_image
+from tipstorch.data.sample import CorruptSampleError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm")
-
-
-class CorruptSampleError(RuntimeError):
-    """A sample's image or label file exists but cannot be decoded."""
-
-    def __init__(self, path: Path | str, reason: str) -> None:
-        super().__init__(f"corrupt sample {path}: {reason}")
-        self.path = Path(path)
-        self.reason = reason
 
 
 def _require(path: Path, what: str) -> Path:
@@ -47,13 +39,11 @@ def _require(path: Path, what: str) -> Path:
 
 def _open_image(path: Path, mode: str | None = None) -> Image.Image:
     """The decoded, upright image (see ``tipstorch.data.images``); CorruptSampleError naming the file if it
-    cannot be decoded or exceeds the pixel limit."""
+    cannot be decoded or exceeds a limit."""
     try:
         return open_image(path, mode)
-    except FileNotFoundError:
-        raise
-    except (OSError, ValueError, SyntaxError) as err:  # ImageTooLargeError is a ValueError
-        raise CorruptSampleError(path, str(err)) from err
+    except ImageFileError as err:
+        raise CorruptSampleError(path, err.problem) from err
 
 
 def load_rgb(path: Path | str) -> Image.Image:

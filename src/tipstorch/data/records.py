@@ -9,6 +9,7 @@ leaves a truncated ``.tar`` behind.
 
 from __future__ import annotations
 
+import json
 import os
 import tarfile
 from collections.abc import Iterable, Iterator
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import webdataset as wds
+
+from tipstorch.data.sample import CorruptSampleError
 
 Record = dict[str, object]  # "__key__": str, extension: bytes
 
@@ -49,6 +52,21 @@ def iter_records(shard: str | Path) -> Iterator[Record]:
             record[extension] = handle.read() if handle is not None else b""
     if record:
         yield record
+
+
+def record_meta(record: Record) -> dict[str, object]:
+    """The object in the record's ``json`` member ({} without one); CorruptSampleError naming the key
+    when the member is not JSON or holds something other than an object."""
+    if "json" not in record:
+        return {}
+    key = str(record.get("__key__", "?"))
+    try:
+        meta = json.loads(record["json"])
+    except (UnicodeDecodeError, json.JSONDecodeError) as exn:
+        raise CorruptSampleError(key, f"bad json: {exn}") from exn
+    if not isinstance(meta, dict):
+        raise CorruptSampleError(key, f"json must hold an object, got {type(meta).__name__}")
+    return meta
 
 
 def _unique_keys(records: Iterable[Record], seen: set[str], where: str) -> Iterator[Record]:

@@ -1,7 +1,9 @@
-"""The sample every data source yields: an image, its captions and (scenes only) its dense targets."""
+"""The sample every data source yields (an image, its captions and, scenes only, its dense targets), and
+the error every reader raises for a sample it cannot use."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -10,6 +12,20 @@ from PIL import Image
 
 if TYPE_CHECKING:
     from tipstorch.data.scenes import SceneObject
+
+
+class CorruptSampleError(ValueError):
+    """A sample that exists but cannot be used: undecodable image, bad label file, no caption, bad
+    metadata. Readers skip it and count it (training: ``ReadStats``; evaluation:
+    ``eval.features.SkippedSamples``), never drop it silently.
+
+    ``where``: the sample's file or key; ``reason``: what is wrong with it.
+    """
+
+    def __init__(self, where: str | os.PathLike, reason: str) -> None:
+        super().__init__(f"{where}: {reason}")
+        self.where = str(where)
+        self.reason = reason
 
 
 @dataclass

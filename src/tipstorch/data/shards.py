@@ -25,35 +25,31 @@ import webdataset as wds
 from PIL import Image
 
 from tipstorch.data.captions import CAPTION_SOURCES, available_captions
-from tipstorch.data.images import open_image
-from tipstorch.data.records import ShardWriteSummary, write_record_shards
-from tipstorch.data.sample import ImageTextSample
+from tipstorch.data.images import ImageFileError, open_image
+from tipstorch.data.records import ShardWriteSummary, record_meta, write_record_shards
+from tipstorch.data.sample import CorruptSampleError, ImageTextSample
 from tipstorch.data.streams import ReadStats, consumer_slot, epoch_share
 
 IMAGE_FORMATS: dict[str, str] = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
 IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
 
 
-class CorruptSampleError(ValueError):
-    """A sample that cannot be turned into an image with captions; the message says why."""
-
-
 def decode_sample(key: str, image: bytes | str | Path, meta: Mapping[str, object]) -> ImageTextSample:
     """Image (encoded bytes or a file path) + metadata (caption fields, optional int label) -> ImageTextSample.
 
-    Raises CorruptSampleError naming the problem; the image is fully decoded here, so a truncated
-    file fails now rather than later in a worker.
+    Raises CorruptSampleError naming the sample (``key``) and the problem; the image is fully decoded
+    here, so a truncated file fails now rather than later in a worker.
     """
     try:
-        rgb = open_image(image)
-    except Exception as exn:  # PIL raises many types (OSError, SyntaxError, struct.error, ...) on bad data
-        raise CorruptSampleError(f"undecodable image: {type(exn).__name__}: {exn}") from exn
+        rgb = open_image(image, name=key)
+    except ImageFileError as exn:
+        raise CorruptSampleError(key, f"undecodable image: {exn.problem}") from exn
     captions = available_captions(meta)
     if not captions:
-        raise CorruptSampleError(f"no caption among {CAPTION_SOURCES} (fields: {sorted(meta)})")
+        raise CorruptSampleError(key, f"no caption among {CAPTION_SOURCES} (fields: {sorted(meta)})")
     label = meta.get("label")
     if label is not None and (isinstance(label, bool) or not isinstance(label, int)):
-        raise CorruptSampleError(f"label must be an integer, got {label!r}")
+        raise CorruptSampleError(key, f"label must be an integer, got {label!r}")
     return ImageTextSample(image=rgb, captions=captions, label=label, key=key)
 
 
@@ -199,20 +195,13 @@ class ShardDataset(torch.utils.data.IterableDataset):
             image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in record), None)
             if image_ext is None:
                 members = sorted(k for k in record if not k.startswith("__"))
-                raise CorruptSampleError(f"no image member ({'/'.join(IMAGE_EXTENSIONS)}), has {members}")
-            meta: dict[str, object] = {}
-            if "json" in record:
-                try:
-                    meta = json.loads(record["json"])
-                except (UnicodeDecodeError, json.JSONDecodeError) as exn:
-                    raise CorruptSampleError(f"bad json: {exn}") from exn
-                if not isinstance(meta, dict):
-                    raise CorruptSampleError(f"json must hold an object, got {type(meta).__name__}")
+                raise CorruptSampleError(key, f"no image member ({'/'.join(IMAGE_EXTENSIONS)}), has {members}")
+            meta = record_meta(record)
             if "txt" in record and "caption" not in meta:
                 meta["caption"] = record["txt"].decode("utf-8", errors="replace")
             sample = decode_sample(key, record[image_ext], meta)
         except CorruptSampleError as exn:
-            self.stats.record_skip(where, str(exn))
+            self.stats.record_skip(where, exn.reason)
             return None
         self.stats.record_read()
         return sample

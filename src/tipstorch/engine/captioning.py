@@ -30,7 +30,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from tipstorch.data.captions import CAPTION_SOURCES
-from tipstorch.data.records import Record, iter_records, write_shard_atomic
+from tipstorch.data.images import ImageFileError, open_image
+from tipstorch.data.records import Record, iter_records, record_meta, write_shard_atomic
+from tipstorch.data.sample import CorruptSampleError
 from tipstorch.data.shards import IMAGE_EXTENSIONS
 
 logger = logging.getLogger("tipstorch.engine")
@@ -119,15 +121,10 @@ class _Sample:
 
 
 def _parse(record: Record) -> _Sample:
-    sample = _Sample(record, {})
-    if "json" in record:
-        try:
-            meta = json.loads(record["json"])
-        except (UnicodeDecodeError, json.JSONDecodeError) as exn:
-            return _Sample(record, None, f"bad json: {exn}")
-        if not isinstance(meta, dict):
-            return _Sample(record, None, f"json must hold an object, got {type(meta).__name__}")
-        sample.meta = meta
+    try:
+        sample = _Sample(record, record_meta(record))
+    except CorruptSampleError as exn:
+        return _Sample(record, None, exn.reason)
     if not any(extension in record for extension in IMAGE_EXTENSIONS):
         sample.problem = f"no image member ({'/'.join(IMAGE_EXTENSIONS)})"
     return sample
@@ -136,10 +133,9 @@ def _parse(record: Record) -> _Sample:
 def _decode(sample: _Sample) -> Image.Image | None:
     data = next(sample.record[e] for e in IMAGE_EXTENSIONS if e in sample.record)
     try:
-        with Image.open(io.BytesIO(data)) as opened:
-            return opened.convert("RGB")
-    except Exception as exn:  # PIL raises many types on bad data (OSError, SyntaxError, ...)
-        sample.problem = f"undecodable image: {type(exn).__name__}: {exn}"
+        return open_image(data)
+    except ImageFileError as exn:
+        sample.problem = f"undecodable image: {exn.problem}"
         return None
 
 

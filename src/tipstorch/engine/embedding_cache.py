@@ -9,7 +9,6 @@ resumes at the first unit without a valid cache file; a unit whose files changed
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
@@ -24,6 +23,7 @@ from PIL import Image
 from safetensors.numpy import load_file, save_file
 from tqdm.auto import tqdm
 
+from tipstorch.data.images import ImageFileError, open_image
 from tipstorch.data.transforms import InferenceTransform
 from tipstorch.engine.image_sources import ImageUnit
 from tipstorch.engine.precision import inference_autocast
@@ -130,11 +130,6 @@ def _save(path: Path, unit: ImageUnit, result: UnitEmbeddings) -> None:
     os.replace(temporary, path)
 
 
-def _decode(data: bytes) -> Image.Image:
-    with Image.open(io.BytesIO(data)) as opened:
-        return opened.convert("RGB")
-
-
 def _embed_unit(unit: ImageUnit, embedder: ImageEmbedder, batch_size: int, bar: tqdm) -> UnitEmbeddings:
     keys: list[str] = []
     chunks: list[np.ndarray] = []
@@ -149,9 +144,9 @@ def _embed_unit(unit: ImageUnit, embedder: ImageEmbedder, batch_size: int, bar: 
 
     for key, data in unit.images():
         try:
-            pending.append((key, _decode(data)))
-        except Exception as exn:  # PIL raises many types on bad data (OSError, SyntaxError, ...)
-            reason = f"undecodable image: {type(exn).__name__}: {exn}" if data else "no image member"
+            pending.append((key, open_image(data, name=key)))
+        except ImageFileError as exn:
+            reason = f"undecodable image: {exn.problem}" if data else "no image member"
             logger.warning("skipped sample %s:%s: %s", unit.source, key, reason)
             skipped.append((key, reason))
             continue

@@ -1,9 +1,12 @@
-"""Dense predictions for one image, as numpy arrays at the image's own size: depth and surface normals
-from a DPT head (released or a probe), zero-shot segmentation into any words with per-class scores,
-PCA maps of the patch tokens (optionally of the foreground only) and image-text similarities.
+"""Dense predictions for one image, as numpy arrays at the image's own size: depth, surface normals and
+ADE20K classes from a DPT head (released or a probe), zero-shot segmentation into any words with
+per-class scores, PCA maps of the patch tokens (optionally of the foreground only) and image-text
+similarities.
 
     model, tokenizer = tipstorch.create_model("tipsv2-b14", pretrained=True), tipstorch.get_tokenizer("tipsv2-b14")
     depth = predict_depth(model, create_dense_head("tipsv2-b14", "depth"), image)        # [H, W] metres
+    classes = predict_segmentation(model, create_dense_head("tipsv2-b14", "segmentation"), image)
+    class_areas(classes, segmentation_class_names(150))                                 # {"wall": 0.31, ...}
     segmentation = zero_shot_segmentation(model, tokenizer, image, ["sky", "tree", "road"])
     segmentation.label_map, segmentation.scores()                                          # [H, W], per class
 
@@ -21,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from tipstorch.data.formats import ADE20K_CLASS_NAMES
 from tipstorch.data.transforms import pil_to_tensor
 from tipstorch.eval.features import Tokenizer
 from tipstorch.eval.templates import get_templates
@@ -32,7 +36,7 @@ from tipstorch.eval.zeroshot import (
     sliding_window_probs,
     values_readout,
 )
-from tipstorch.models.dense import DPTDecoder, DPTDepthDecoder, DPTNormalsDecoder
+from tipstorch.models.dense import DPTDecoder, DPTDepthDecoder, DPTNormalsDecoder, DPTSegmentationDecoder
 from tipstorch.models.tips import TIPSModel
 from tipstorch.viz import pca_rgb
 
@@ -69,7 +73,10 @@ def _check_head(model: TIPSModel, head: DPTDecoder, kind: type) -> None:
 
 
 @torch.no_grad()
-def _run_dpt(model: TIPSModel, head: DPTDecoder, image: Image.Image, image_size: int | None) -> torch.Tensor:
+def _run_dpt(
+    model: TIPSModel, head: DPTDecoder, image: Image.Image, image_size: int | None, upsample: bool = True
+) -> torch.Tensor:
+    """The head's output [C, H, W] for one image, at the image's size (``upsample``) or the head's own."""
     images = image_tensor(model, image, image_size)
     layers = model.visual.forward_intermediates(
         images,
@@ -78,7 +85,7 @@ def _run_dpt(model: TIPSModel, head: DPTDecoder, image: Image.Image, image_size:
         return_prefix_tokens=True,
         intermediates_only=True,
     )
-    return head(layers, image_size=(image.height, image.width))[0].float().cpu()
+    return head(layers, image_size=(image.height, image.width) if upsample else None)[0].float().cpu()
 
 
 def predict_depth(
@@ -95,6 +102,50 @@ def predict_normals(
     """Unit surface normals, float32 [H, W, 3] (x, y, z as the head predicts them)."""
     _check_head(model, head, DPTNormalsDecoder)
     return _run_dpt(model, head, image, image_size).permute(1, 2, 0).numpy()
+
+
+def segmentation_class_names(num_classes: int) -> list[str]:
+    """Names of a segmentation head's classes: ADE20K's 150 (the released heads), else "class <i>"."""
+    if num_classes == len(ADE20K_CLASS_NAMES):
+        return list(ADE20K_CLASS_NAMES)
+    return [f"class {index}" for index in range(num_classes)]
+
+
+def upsampled_argmax(logits: torch.Tensor, size: tuple[int, int], chunk: int = 16) -> torch.Tensor:
+    """argmax over K of logits [K, h, w] upsampled bilinearly to ``size`` (H, W): int64 [H, W].
+
+    Works through ``chunk`` classes at a time, so that 150 classes on a 12-megapixel photo never hold
+    the [K, H, W] upsampled logits (7 GB) at once; ties go to the lower class index, as in argmax.
+    """
+    best = torch.full(size, -torch.inf)
+    classes = torch.zeros(size, dtype=torch.int64)
+    for start in range(0, logits.shape[0], chunk):
+        upsampled = F.interpolate(
+            logits[None, start : start + chunk], size=size, mode="bilinear", align_corners=False
+        )[0]
+        value, index = upsampled.max(dim=0)
+        better = value > best
+        best = torch.where(better, value, best)
+        classes = torch.where(better, index + start, classes)
+    return classes
+
+
+def predict_segmentation(
+    model: TIPSModel, head: DPTSegmentationDecoder, image: Image.Image, image_size: int | None = None
+) -> np.ndarray:
+    """The class of every pixel, int64 [H, W] for a PIL image of H x W pixels (the released heads: an
+    index into ``ADE20K_CLASS_NAMES``): argmax of the head's logits upsampled to the image size."""
+    _check_head(model, head, DPTSegmentationDecoder)
+    logits = _run_dpt(model, head, image, image_size, upsample=False)
+    return upsampled_argmax(logits, (image.height, image.width)).numpy()
+
+
+def class_areas(class_map: np.ndarray, class_names: Sequence[str]) -> dict[str, float]:
+    """Fraction of the pixels of ``class_map`` [H, W] (indices into ``class_names``) each present class
+    covers, largest first; classes absent from the map are left out."""
+    counts = np.bincount(class_map.ravel(), minlength=len(class_names))
+    order = np.argsort(-counts, kind="stable")
+    return {class_names[index]: float(counts[index] / class_map.size) for index in order if counts[index] > 0}
 
 
 def clean_labels(labels: Sequence[str], minimum: int = 2) -> list[str]:

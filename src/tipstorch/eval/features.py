@@ -19,7 +19,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from tipstorch.data.formats import CorruptSampleError
+from tipstorch.data.sample import CorruptSampleError
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class SkippedSamples:
 
     def add(self, error: CorruptSampleError) -> None:
         logger.warning("skipping %s", error)
-        self.paths.append(str(error.path))
+        self.paths.append(error.where)
 
 
 def iterate_samples(

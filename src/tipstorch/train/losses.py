@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tipstorch.train.config import LossCfg
-from tipstorch.train.outputs import ContrastiveEmbeddings, StudentOutputs, TeacherScores
+from tipstorch.train.outputs import ContrastiveEmbeddings, StudentOutputs, TeacherScores, supervised_patches
 
 CLIP_GLOBAL = "clip_global"
 CLIP_SPATIAL = "clip_spatial"
@@ -124,30 +124,59 @@ class ScoreCentering(nn.Module):
 
     @torch.no_grad()
     def probabilities(self, teacher_scores: torch.Tensor, teacher_temp: float) -> torch.Tensor:
-        """teacher_scores [..., K] -> softmax((scores - centre) / teacher_temp) [..., K], float32."""
-        return F.softmax((teacher_scores.float() - self.center) / teacher_temp, dim=-1)
+        """teacher_scores [..., K] -> softmax((scores - centre) / teacher_temp) [..., K], float32; one output
+        tensor, filled chunk by chunk of rows (``row_chunks``)."""
+        scores = teacher_scores.float()
+        probabilities = torch.empty_like(scores)
+        for rows in row_chunks(scores):
+            chunk = torch.sub(scores[rows], self.center, out=probabilities[rows]).div_(teacher_temp)
+            chunk.sub_(chunk.amax(dim=-1, keepdim=True)).exp_()
+            chunk.div_(chunk.sum(dim=-1, keepdim=True))
+        return probabilities
+
+
+ROW_CHUNK_ELEMENTS = 2**18  # float32 values per chunk (1 MB): a chunk stays in cache between its ops
+
+
+def row_chunks(tensor: torch.Tensor) -> list[slice]:
+    """Slices of the first axis of ``tensor`` [R, ...], each of about ``ROW_CHUNK_ELEMENTS`` values (at
+    least one row). The [R, K] prototype scores (K = 32768 in the paper) are worked on chunk by chunk:
+    each element-wise op over a chunk reads it from cache, and no op allocates a whole [R, K] temporary."""
+    per_row = max(1, tensor[:1].numel())
+    step = max(1, ROW_CHUNK_ELEMENTS // per_row)
+    return [slice(start, start + step) for start in range(0, tensor.shape[0], step)]
 
 
 class _SoftCrossEntropy(torch.autograd.Function):
     """-sum_k t_k log softmax(s / tau)_k = logsumexp(s / tau) - sum_k t_k s_k / tau (the targets sum to 1),
-    with the gradient (softmax(s / tau) - t) / tau written out: one float32 [..., K] tensor is kept for the
-    backward instead of the several that autograd keeps and makes for the log-softmax form."""
+    with the gradient (softmax(s / tau) - t) / tau written out. Both run chunk by chunk of rows
+    (``row_chunks``): the forward allocates no [..., K] tensor and keeps for the backward only the scores
+    (alive anyway) and the targets, the backward allocates the gradient only."""
 
     @staticmethod
-    def forward(ctx, student_scores: torch.Tensor, teacher_probs: torch.Tensor, student_temp: float) -> torch.Tensor:
+    def forward(
+        ctx, student_scores: torch.Tensor, teacher_probs: torch.Tensor, student_temp: float
+    ) -> torch.Tensor:
+        scores = student_scores.float()
+        log_normaliser = scores.new_empty(scores.shape[:-1])
+        loss = scores.new_empty(scores.shape[:-1])
         with torch.autocast(student_scores.device.type, enabled=False):
-            logits = student_scores.float() / student_temp
-            log_normaliser = logits.logsumexp(dim=-1)
-            loss = log_normaliser - (teacher_probs * logits).sum(dim=-1)
-        ctx.save_for_backward(logits, log_normaliser, teacher_probs)
+            for rows in row_chunks(scores):
+                logits = scores[rows] / student_temp
+                torch.logsumexp(logits, dim=-1, out=log_normaliser[rows])
+                loss[rows] = log_normaliser[rows] - (teacher_probs[rows] * logits).sum(dim=-1)
+        ctx.save_for_backward(scores, log_normaliser, teacher_probs)
         ctx.student_temp, ctx.scores_dtype = student_temp, student_scores.dtype
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        logits, log_normaliser, teacher_probs = ctx.saved_tensors
-        grad = (logits - log_normaliser.unsqueeze(-1)).exp_().sub_(teacher_probs)
-        grad.mul_(grad_loss.unsqueeze(-1) / ctx.student_temp)
+        scores, log_normaliser, teacher_probs = ctx.saved_tensors
+        scale = (grad_loss / ctx.student_temp).unsqueeze(-1)
+        grad = torch.empty_like(scores)
+        for rows in row_chunks(scores):
+            chunk = torch.div(scores[rows], ctx.student_temp, out=grad[rows])
+            chunk.sub_(log_normaliser[rows].unsqueeze(-1)).exp_().sub_(teacher_probs[rows]).mul_(scale[rows])
         return grad.to(ctx.scores_dtype), None, None
 
 
@@ -156,7 +185,9 @@ def _cross_entropy(teacher_probs: torch.Tensor, student_scores: torch.Tensor, st
     targets broadcast against the scores and, as constants, get no gradient)."""
     if teacher_probs.requires_grad:
         raise ValueError("self-distillation targets must not require grad (compute them under torch.no_grad)")
-    return _SoftCrossEntropy.apply(student_scores, teacher_probs, student_temp)
+    if student_scores.ndim < 2:
+        raise ValueError(f"soft cross-entropy expects scores [R, ..., K], got {tuple(student_scores.shape)}")
+    return _SoftCrossEntropy.apply(student_scores, teacher_probs.expand_as(student_scores), student_temp)
 
 
 class _SelfDistillationLoss(nn.Module):
@@ -167,12 +198,6 @@ class _SelfDistillationLoss(nn.Module):
         self.student_temp = student_temp
         self.centering = ScoreCentering(num_prototypes, center_momentum)
 
-    def teacher_targets(self, teacher_scores: torch.Tensor, teacher_temp: float) -> torch.Tensor:
-        """teacher_scores [..., K] -> target probabilities [..., K]; records every row for the centre."""
-        targets = self.centering.probabilities(teacher_scores, teacher_temp)
-        self.centering.accumulate(teacher_scores)
-        return targets
-
 
 class DINOLoss(_SelfDistillationLoss):
     """Self-distillation on CLS tokens (paper Eq. 1): every local crop of an image predicts the centred,
@@ -180,6 +205,11 @@ class DINOLoss(_SelfDistillationLoss):
 
     The loss is the mean over the B*M (image, local crop) pairs, so its scale does not depend on M.
     """
+
+    def teacher_targets(self, teacher_scores: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+        """teacher_scores [B, K] -> target probabilities [B, K]; records every row for the centre."""
+        self.centering.accumulate(teacher_scores)
+        return self.centering.probabilities(teacher_scores, teacher_temp)
 
     def forward(self, student_local_scores: torch.Tensor, teacher_targets: torch.Tensor) -> torch.Tensor:
         """student_local_scores [B*M, K] (image-major: row b*M + m is crop m of image b),
@@ -201,27 +231,43 @@ class IBOTPatchLoss(_SelfDistillationLoss):
     ones for iBOT; for iBOT++ they are all N tokens, so each token, visible or masked, weighs 1/N and the
     visible tokens carry the fraction (1 - mask ratio) of the image's loss. An image with no supervised
     token contributes 0 and still counts in the batch mean. Teacher scores [B, N, K] come from the
-    unmasked view; every token counts in the centre.
+    unmasked view; every token counts in the centre, only the supervised ones get targets. Student
+    scores and targets are [S, K], the supervised rows (``outputs.supervised_patches``): the student's
+    head runs on those tokens only.
     """
 
     def __init__(self, num_prototypes: int, student_temp: float, center_momentum: float, all_tokens: bool) -> None:
         super().__init__(num_prototypes, student_temp, center_momentum)
         self.all_tokens = all_tokens
 
+    def supervised(self, tokens: torch.Tensor, patch_mask: torch.Tensor) -> torch.Tensor:
+        """tokens [B, N, ...] -> the supervised rows [S, ...] (see ``outputs.supervised_patches``)."""
+        return supervised_patches(tokens, patch_mask, self.all_tokens)
+
+    def patch_targets(
+        self, teacher_scores: torch.Tensor, teacher_temp: float, patch_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """teacher_scores [B, N, K] -> targets of the supervised rows [S, K]; all B*N rows go to the centre."""
+        self.centering.accumulate(teacher_scores)
+        return self.centering.probabilities(self.supervised(teacher_scores, patch_mask), teacher_temp)
+
     def forward(
         self, student_patch_scores: torch.Tensor, teacher_targets: torch.Tensor, patch_mask: torch.Tensor
     ) -> torch.Tensor:
-        """student_patch_scores [B, N, K] (masked view), teacher_targets [B, N, K], patch_mask bool [B, N]
-        (True = masked for the student) -> scalar."""
-        if student_patch_scores.shape != teacher_targets.shape or patch_mask.shape != student_patch_scores.shape[:2]:
-            raise ValueError(
-                f"IBOTPatchLoss expects student/teacher scores [B, N, K] and mask [B, N], got "
-                f"{tuple(student_patch_scores.shape)}, {tuple(teacher_targets.shape)}, {tuple(patch_mask.shape)}"
-            )
+        """student_patch_scores [S, K] (masked view), teacher_targets [S, K], both on the supervised rows of
+        patch_mask bool [B, N] (True = masked for the student) -> scalar."""
         supervised = torch.ones_like(patch_mask) if self.all_tokens else patch_mask
-        weights = supervised.float() / supervised.sum(dim=-1, keepdim=True).clamp(min=1)
+        rows = int(supervised.sum())
+        if student_patch_scores.shape != teacher_targets.shape or student_patch_scores.shape[:1] != (rows,):
+            raise ValueError(
+                f"IBOTPatchLoss expects student/teacher scores [S, K] of the S={rows} supervised tokens of "
+                f"mask {tuple(patch_mask.shape)}, got {tuple(student_patch_scores.shape)}, "
+                f"{tuple(teacher_targets.shape)}"
+            )
+        weights = 1.0 / supervised.sum(dim=-1, keepdim=True).float().clamp(min=1)  # [B, 1]
+        row_weights = self.supervised(weights.expand(patch_mask.shape), patch_mask)
         per_token = _cross_entropy(teacher_targets, student_patch_scores, self.student_temp)
-        return (per_token * weights).sum() / patch_mask.shape[0]
+        return (per_token * row_weights).sum() / patch_mask.shape[0]
 
 
 class KoLeoLoss(nn.Module):
@@ -305,7 +351,7 @@ class TIPSLoss(nn.Module):
         if self.ibot is not None:
             _require(IBOT, **{"student.patch_scores": student.patch_scores,
                               "teacher.patch_scores": teacher.patch_scores})
-            targets = self.ibot.teacher_targets(teacher.patch_scores, ibot_teacher_temp)
+            targets = self.ibot.patch_targets(teacher.patch_scores, ibot_teacher_temp, patch_mask)
             parts[IBOT] = self.ibot(student.patch_scores, targets, patch_mask)
         if self.koleo is not None:
             _require(KOLEO, **{"student.koleo_cls": student.koleo_cls})

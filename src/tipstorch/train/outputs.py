@@ -14,6 +14,17 @@ import torch
 from tipstorch.models.vit import ImageFeatures
 
 
+def supervised_patches(tokens: torch.Tensor, patch_mask: torch.Tensor, all_tokens: bool) -> torch.Tensor:
+    """The rows of the tokens the iBOT loss supervises: tokens [b, N, ...], patch_mask bool [b, N] (True =
+    masked) -> [S, ...] image-major, S = the masked count (iBOT) or b*N (iBOT++, ``all_tokens``: a view)."""
+    if tokens.shape[:2] != patch_mask.shape:
+        raise ValueError(
+            f"supervised_patches: tokens {tuple(tokens.shape)} do not match patch_mask "
+            f"{tuple(patch_mask.shape)}"
+        )
+    return tokens.flatten(0, 1) if all_tokens else tokens[patch_mask]
+
+
 @dataclass
 class ContrastiveEmbeddings:
     """The image / caption pairs of the contrastive terms, [b, D] each (row i of an image matches row i
@@ -34,7 +45,8 @@ class StudentOutputs:
         ``loss.contrastive_on_masked``).
     local_scores: [b*M, K] DINO head on the CLS1 of every local crop, image-major (row b*M + m is crop m
         of image b).
-    patch_scores: [b, N, K] iBOT head on the patch tokens of the masked pass.
+    patch_scores: [S, K] iBOT head on the supervised patch tokens of the masked pass only (rows as
+        ``supervised_patches`` orders them: the masked tokens for iBOT, all b*N tokens for iBOT++).
     koleo_cls: [b, D] CLS1 the KoLeo term spreads (masked pass when it ran, else the unmasked one).
     unmasked: the unmasked pass's features, detached (when that pass ran): a teacher sharing the
         student's backbone reads its targets from them instead of running the backbone again.

@@ -5,8 +5,9 @@ with a positive weight needs it:
 
 - unmasked global crop -> CLS1 / CLS2 for the contrastive terms (``loss.contrastive_on_masked`` false,
   the conservative reading of the paper);
-- masked global crop (75% of patches replaced by the mask token) -> iBOT patch scores (and the
-  contrastive CLS tokens when ``contrastive_on_masked``);
+- masked global crop (75% of patches replaced by the mask token) -> iBOT patch scores of the supervised
+  tokens only (the masked ones; all of them for iBOT++), and the contrastive CLS tokens when
+  ``contrastive_on_masked``;
 - local crops -> CLS1 -> DINO scores;
 - text tower on the alt-text and synthetic captions (one pass over both).
 
@@ -24,7 +25,7 @@ from tipstorch.models.heads import ProjectionHead
 from tipstorch.models.tips import TIPSModel
 from tipstorch.models.vit import ImageFeatures
 from tipstorch.train.config import HeadCfg, LossCfg
-from tipstorch.train.outputs import ContrastiveEmbeddings, StudentOutputs
+from tipstorch.train.outputs import ContrastiveEmbeddings, StudentOutputs, supervised_patches
 from tipstorch.train.teacher import BACKBONE, DINO_HEAD, IBOT_HEAD
 
 
@@ -51,6 +52,7 @@ class TIPSStudent(nn.Module):
         self.ibot_head = projection_head(model.visual.embed_dim, heads) if weights.ibot > 0 else None
         self.clip_global, self.clip_spatial = weights.clip_global > 0, weights.clip_spatial > 0
         self.koleo = weights.koleo > 0
+        self.ibot_all_tokens = loss.ibot_all_tokens
         contrastive = self.clip_global or self.clip_spatial
         self.contrastive_on_masked = loss.contrastive_on_masked and contrastive
         self.needs_masked = self.ibot_head is not None or self.contrastive_on_masked
@@ -119,7 +121,9 @@ class TIPSStudent(nn.Module):
             local_cls = visual.forward_features(micro_batch["local_crops"].flatten(0, 1)).global_cls
             outputs.local_scores = self.dino_head(local_cls)
         if self.ibot_head is not None:
-            outputs.patch_scores = self.ibot_head(masked.flat)
+            # the head on the supervised tokens only (iBOT: the masked ones), not on all N
+            supervised = supervised_patches(masked.flat, micro_batch["patch_mask"], self.ibot_all_tokens)
+            outputs.patch_scores = self.ibot_head(supervised)
         if self.koleo:
             outputs.koleo_cls = (masked if masked is not None else unmasked).global_cls
         if unmasked is not None:
