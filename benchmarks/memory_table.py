@@ -9,8 +9,9 @@ contrastive terms on a separate unmasked pass) on each released architecture. Co
 models built on the meta device (no memory). Per GPU, with FSDP over N GPUs (N = 1: unsharded, as DDP):
 
 - params: fp32 master weights of the student, / N;  grads: fp32 (FSDP reduces in fp32), / N;
-- optimiser: torch.optim.Adafactor's state (a row and a column vector per matrix, a full vector per
-  1-D tensor; AdamW would hold 2 x params), / N;  teacher: the fp32 EMA copy (backbone + heads), / N;
+- optimiser: AdamW's two fp32 moments, / N (FSDP needs AdamW: torch.optim.Adafactor does not run on
+  DTensor shards; under DDP the paper's Adafactor holds only a row and a column vector per matrix, a
+  full vector per 1-D tensor, ``--optimizer adafactor``);  teacher: the fp32 EMA copy (backbone + heads), / N;
 - gathered: the bf16 all-gathered weights of the two largest FSDP units in flight (one computing, one
   prefetched), not sharded;
 - activations: what autograd keeps for the backward at ``--batch-per-gpu`` samples (64 = the paper's global
@@ -53,7 +54,7 @@ class Sizes:
 
     student: int
     teacher: int
-    optimiser: int
+    adafactor: int  # Adafactor state values (AdamW: 2 x student)
     largest_unit: int  # the largest FSDP unit (a block, a head or a tower's own tensors)
     activations: int  # values kept for the backward per sample
     loss_values: int  # fp32 loss logits and targets per sample
@@ -100,19 +101,21 @@ def count(name: str, checkpointing: bool = False) -> Sizes:
     return Sizes(
         student=sum(p.numel() for p in trainable),
         teacher=teacher,
-        optimiser=sum(_adafactor_state(p) for p in trainable),
+        adafactor=sum(_adafactor_state(p) for p in trainable),
         largest_unit=max(sum(p.numel() for p in unit.parameters()) for unit in units),
         activations=activations + head_hidden,
         loss_values=head_tokens * 2 * HEADS.num_prototypes,
     )
 
 
-def per_gpu_gb(sizes: Sizes, gpus: int, batch: int, value_bytes: int = 2) -> dict[str, float]:
+def per_gpu_gb(
+    sizes: Sizes, gpus: int, batch: int, value_bytes: int = 2, optimiser: str = "adamw"
+) -> dict[str, float]:
     """GB per GPU of each part (see the module docstring); ``value_bytes`` of the activations (bf16: 2)."""
     parts = {
         "params": 4 * sizes.student / gpus,
         "grads": 4 * sizes.student / gpus,
-        "optimiser": 4 * sizes.optimiser / gpus,
+        "optimiser": 4 * (2 * sizes.student if optimiser == "adamw" else sizes.adafactor) / gpus,
         "teacher": 4 * sizes.teacher / gpus,
         "gathered": 2 * 2 * sizes.largest_unit if gpus > 1 else 0.0,
         "activations": batch * (value_bytes * sizes.activations + 4 * sizes.loss_values),
@@ -152,23 +155,25 @@ def main() -> None:
     parser.add_argument("--batch-per-gpu", type=int, default=64)
     parser.add_argument("--measure", nargs="*", default=["S", "B"], choices=list(SIZES))
     parser.add_argument("--measure-batch", type=int, default=2)
+    parser.add_argument("--optimizer", choices=["adamw", "adafactor"], default="adamw")
     args = parser.parse_args()
     header = f"{'size':7}{'params':>9}{'N':>4}{'params':>8}{'grads':>8}{'optim':>8}{'teacher':>8}{'gather':>8}"
-    print(f"GB per GPU, bf16 compute, Adafactor, full EMA teacher, {args.batch_per_gpu} images per GPU\n")
+    print(f"GB per GPU, bf16 compute, {args.optimizer}, full EMA teacher, {args.batch_per_gpu} images per GPU\n")
     print(header + f"{'activ':>8}{'ckpt':>8}{'total':>8}{'total ckpt':>11}")
     for size, name in SIZES.items():
         sizes, checkpointed = count(name), count(name, checkpointing=True)
         for gpus in args.gpus:
-            plain = per_gpu_gb(sizes, gpus, args.batch_per_gpu)
-            with_ckpt = per_gpu_gb(checkpointed, gpus, args.batch_per_gpu)
+            plain = per_gpu_gb(sizes, gpus, args.batch_per_gpu, optimiser=args.optimizer)
+            with_ckpt = per_gpu_gb(checkpointed, gpus, args.batch_per_gpu, optimiser=args.optimizer)
             print(f"{size:7}{sizes.student / 1e6:8.0f}M{gpus:4}" + "".join(
                 f"{plain[part]:8.2f}" for part in ("params", "grads", "optimiser", "teacher", "gathered",
                                                    "activations"))
                   + f"{with_ckpt['activations']:8.2f}{plain['total']:8.2f}{with_ckpt['total']:11.2f}")
     if args.measure:
-        print(f"\nCheck on this CPU: one process, fp32, {args.measure_batch} images, no checkpointing")
+        print(f"\nCheck on this CPU: one process, fp32, Adafactor (the paper's recipe), {args.measure_batch} images, "
+              "no checkpointing")
         for size in args.measure:
-            estimate = per_gpu_gb(count(SIZES[size]), 1, args.measure_batch, value_bytes=4)
+            estimate = per_gpu_gb(count(SIZES[size]), 1, args.measure_batch, value_bytes=4, optimiser="adafactor")
             print(f"{size:7} computed {estimate['total']:6.2f} GB   measured peak {measure(SIZES[size], args.measure_batch):6.2f} GB")
 
 

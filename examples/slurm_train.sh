@@ -3,6 +3,9 @@
 #
 #   sbatch --nodes 4 examples/slurm_train.sh tips_g14_paper runs/tips_g14 --set data.source='/data/webli/{000000..011599}.tar'
 #
+# FSDP needs AdamW (torch.optim.Adafactor, the paper's optimiser, does not run on DTensor shards): pass
+# an AdamW learning rate (--set optim.lr=...; the recipe's 5e-4 is Adafactor's relative step), or drop
+# the three FSDP settings for DDP with Adafactor when the model fits on one GPU.
 # Arguments: recipe (shipped name or YAML), run directory (on a file system every node sees: sharded
 # checkpoints are written there by all ranks), then any further `tipstorch train` options.
 # The job resumes its run directory when it holds a checkpoint, so a resubmitted (or requeued, after a
@@ -41,5 +44,5 @@ srun --kill-on-bad-exit=1 torchrun \
     --rdzv-endpoint "$head_node:29500" \
     -m tipstorch.cli train \
     --config "$config" --out-dir "$run_dir" "${resume[@]}" \
-    --set loop.parallel=fsdp --set loop.meta_init=true \
+    --set loop.parallel=fsdp --set loop.meta_init=true --set optim.name=adamw \
     "$@"

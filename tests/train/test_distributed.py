@@ -5,7 +5,8 @@ One group of 2 processes runs every distributed part (process start-up dominates
   ddp      4 steps, DDP, head-only EMA teacher;
   fsdp     FSDP with a full EMA teacher, gradient accumulation and activation checkpointing: 2 steps,
            checkpoint (last.dcp), then a second Trainer resumes it to step 4 (interrupted + resumed on 2);
-  from_one FSDP resuming the step-2 last.pt of one process to step 4 (1 -> 2).
+  from_one FSDP resuming the step-2 last.pt of one process to step 4 (1 -> 2);
+  meta     FSDP with meta-device initialisation and the bf16 policy, 1 step.
 The parent process runs the one-process references and resumes the FSDP step-2 checkpoint alone (2 -> 1).
 """
 
@@ -18,9 +19,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.tensor import DTensor
 
 import tipstorch
 from tests.train.loop_helpers import losses, tiny_cfg
+from tipstorch.models.text import sinusoidal_positions
 from tipstorch.train.loop import Trainer
 from tipstorch.train.run_state import load_checkpoint
 from tipstorch.weights.factory import get_tokenizer
@@ -66,8 +69,34 @@ def run_rank(rank: int, port: int, folder: str) -> None:
     state, _ = load_checkpoint(folder / "one")
     from_one = Trainer(tiny_cfg(*COMMON, *FSDP), get_tokenizer, out_dir=folder / "from_one", resume=state)
     results["from_one"] = record(from_one, from_one.fit().history)
+    results["meta"] = meta_run(folder)
     torch.save(results, folder / f"rank{rank}.pt")
     dist.destroy_process_group()
+
+
+def meta_run(folder: Path) -> dict:
+    """What a meta-device-initialised bf16 FSDP run holds before and after one step."""
+    trainer = Trainer(tiny_cfg(*COMMON, *FSDP, "loop.meta_init=true", "loop.bf16=true", "loop.steps=1"),
+                      get_tokenizer, out_dir=folder / "meta")
+    visual, teacher_visual = trainer.model.visual, trainer.teacher.ema_parts["backbone"]
+    seen = {}
+
+    def note_dtype(module: torch.nn.Module, args: tuple) -> None:
+        seen.setdefault("compute_dtype", next(module.parameters()).dtype)
+
+    visual.blocks[0].mlp.register_forward_pre_hook(note_dtype)
+    block_weight = visual.blocks[0].attn.qkv.weight
+    fresh = {
+        "is_shard": isinstance(block_weight, DTensor),
+        "rows": block_weight.to_local().detach().clone(),
+        "teacher_rows": teacher_visual.blocks[0].attn.qkv.weight.to_local().detach().clone(),
+        "gamma": visual.blocks[0].ls1.gamma.to_local().detach().clone(),
+        "positions": trainer.model.text.positions.clone(),
+        "temperature": float(trainer.model.temperature),
+    }
+    history = trainer.fit().history
+    return fresh | {"total": history[0]["total"], "compute_dtype": str(seen["compute_dtype"]),
+                    "master_dtype": str(block_weight.dtype)}
 
 
 def _first(trainer: Trainer, steps: int):
@@ -146,3 +175,23 @@ def test_a_sharded_checkpoint_of_two_processes_resumes_on_one(runs):
     expected = references["fsdp"]
     got = record(alone, history)
     assert_same_run(got | {"losses": expected["losses"][:HALF] + got["losses"]}, expected)
+
+
+def test_meta_device_initialisation_draws_each_ranks_own_rows_at_the_init_scale(runs):
+    _, ranks, _ = runs
+    zero, one = ranks[0]["meta"], ranks[1]["meta"]
+    assert zero["is_shard"] and zero["rows"].shape[0] * 2 == 3 * 32  # qkv [96, 32] split in two
+    assert not torch.equal(zero["rows"], one["rows"])  # not the same draw repeated on every rank
+    for rank in (zero, one):
+        assert 0.015 < float(rank["rows"].std()) < 0.025  # trunc_normal(std=0.02) of the ViT init
+        assert torch.equal(rank["teacher_rows"], rank["rows"])  # the EMA teacher starts as the student
+        assert torch.equal(rank["gamma"], torch.full_like(rank["gamma"], 0.1))  # model.vision.layer_scale_init
+        assert torch.equal(rank["positions"], sinusoidal_positions(64, 32))
+        assert rank["temperature"] == pytest.approx(0.07, rel=1e-6)  # the tips-tiny config's
+
+
+def test_fsdp_bf16_policy_computes_in_bf16_over_fp32_master_weights(runs):
+    _, ranks, _ = runs
+    meta = ranks[0]["meta"]
+    assert (meta["compute_dtype"], meta["master_dtype"]) == ("torch.bfloat16", "torch.float32")
+    assert torch.isfinite(torch.tensor(meta["total"]))

@@ -9,6 +9,8 @@ import torch
 
 import tipstorch
 from tests.train.loop_helpers import losses, parameters, signal_after, tiny_trainer
+from tipstorch.train.config import ConfigError
+from tipstorch.train.distributed import DistributedContext
 from tipstorch.train.loop import LOG_FILE, NonFiniteLossError, Trainer
 from tipstorch.train.run_state import FINAL, LAST, PREVIOUS, load_checkpoint
 from tipstorch.weights.factory import get_tokenizer
@@ -209,3 +211,9 @@ def test_step_checkpoints_are_kept_at_every_multiple_of_keep_every_whatever_chec
     assert sorted(path.name for path in tmp_path.glob("step-*.pt")) == ["step-3.pt", "step-6.pt"]
     assert [load_checkpoint(tmp_path / name)[0]["step"] for name in ("step-3.pt", "step-6.pt")] == [3, 6]
     assert load_checkpoint(tmp_path / LAST)[0]["step"] == 7
+
+
+def test_fsdp_with_adafactor_is_refused_before_anything_is_built(tmp_path):
+    two_ranks = DistributedContext(rank=0, world_size=2, device=torch.device("cpu"))  # no process group needed
+    with pytest.raises(ConfigError, match="optim.name 'adafactor' does not run on FSDP shards"):
+        tiny_trainer(tmp_path, "loop.parallel=fsdp", "optim.name=adafactor", context=two_ranks)

@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from tipstorch.train import sharded_checkpoint
+from tipstorch.train.init import load_starting_point
 from tipstorch.train.run_state import FORMAT, VERSION, load_checkpoint
 from tipstorch.train.sharded_checkpoint import SHARDED_KEY, load_sharded, save_sharded
+from tipstorch.weights.state_io import CheckpointError
 
 
 def write(directory, step: int, keep: bool = False):
@@ -58,5 +60,11 @@ def test_a_crash_between_the_renames_falls_back_to_the_previous_checkpoint(tmp_p
 
 def test_an_incomplete_sharded_directory_is_refused_by_name(tmp_path):
     (tmp_path / "last.dcp").mkdir()
-    with pytest.raises(Exception, match=r"last\.dcp: not a complete sharded checkpoint"):
+    with pytest.raises(CheckpointError, match=r"last\.dcp: not a complete sharded checkpoint"):
         load_checkpoint(tmp_path / "last.dcp")
+
+
+def test_a_sharded_checkpoint_cannot_start_a_new_run(tmp_path):
+    write(tmp_path, 1)
+    with pytest.raises(CheckpointError, match=r"sharded \(FSDP\) training checkpoint cannot start a new run"):
+        load_starting_point(str(tmp_path))

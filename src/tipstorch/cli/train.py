@@ -5,6 +5,9 @@
     tipstorch train --config my.yaml --init tipsv2-b14 --set data.source='shards/{000..099}.tar'
     tipstorch train --resume runs/tiny_cpu            # continue a killed run exactly
     torchrun --nproc_per_node 2 -m tipstorch.cli train --config tipsv2   # DDP (gloo on CPU, nccl on GPU)
+    torchrun --nproc_per_node 8 -m tipstorch.cli train --config tips_l14 --set loop.parallel=fsdp \
+        --set loop.meta_init=true --set optim.name=adamw                 # FSDP2, sharded checkpoints
+    examples/slurm_train.sh                                              # several nodes (SLURM, c10d rendezvous)
 
 Exit status: 0 when training completed, 1 on a non-finite loss (the last good checkpoint is kept),
 128 + signal number when stopped by SIGTERM / SIGINT (after writing a checkpoint).

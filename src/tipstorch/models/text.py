@@ -64,7 +64,12 @@ class MaskedSelfAttention(nn.Module):
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
         self.out_proj = nn.Linear(dim, dim)
         self.fused_attn = True  # F.scaled_dot_product_attention, else written out (models/attention.py)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The packed projection's initialisation (``nn.MultiheadAttention``'s: Xavier weights, zero bias)."""
         nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.in_proj_bias)
 
     def forward(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """tokens [B, L, D]; valid bool [B, L], True for real (non-pad) tokens."""

@@ -35,7 +35,8 @@ from tipstorch.models.tips import TIPSConfig, TIPSModel
 from tipstorch.models.vit import VisionConfig, VisionTransformer, resample_pos_embed
 from tipstorch.train.config import ConfigError, ModelCfg, TrainCfg
 from tipstorch.train.losses import TIPSLoss
-from tipstorch.train.run_state import LAST, load_checkpoint
+from tipstorch.train.run_state import FINAL, LAST, load_checkpoint
+from tipstorch.train.sharded_checkpoint import SHARDED_LAST
 from tipstorch.train.student import TIPSStudent, projection_head
 from tipstorch.train.teacher import BACKBONE, DINO_HEAD, IBOT_HEAD, EMATeacher, FrozenTeacher, Teacher
 from tipstorch.weights.factory import load_model
@@ -107,6 +108,12 @@ def model_config(cfg: ModelCfg, base: TIPSConfig | None = None) -> TIPSConfig:
 
 def load_starting_point(source: str) -> StartingPoint:
     """A model from a registered name, an exported file, or a training checkpoint (``.pt``)."""
+    if Path(source).suffix == ".dcp" or (Path(source).is_dir() and (Path(source) / SHARDED_LAST).exists()
+                                         and not (Path(source) / LAST).exists()):
+        raise CheckpointError(
+            f"{source}: a sharded (FSDP) training checkpoint cannot start a new run; use --resume to continue "
+            f"it, or start from the run's {FINAL} (its heads then start new)"
+        )
     if Path(source).suffix == ".pt" or (Path(source).is_dir() and (Path(source) / LAST).exists()):
         state, path = load_checkpoint(source)
         model = TIPSModel(TIPSConfig(**state["model_config"]))

@@ -11,9 +11,14 @@ is not finite (nothing updated, no checkpoint written) -> ``step.update``: centr
 temperature clamp, teacher EMA.
 
 Outputs in ``out_dir``: ``config.yaml``, ``log.jsonl`` (every ``loop.log_every`` steps), ``tensorboard/``,
-``last.pt`` / ``previous.pt`` / ``step-<N>.pt`` (see ``run_state.py``), ``final.safetensors`` (the
-student's model, for ``tipstorch.load_model``; the EMA teacher has no text tower, so the student is the
-image-text model).
+``last.pt`` / ``previous.pt`` / ``step-<N>.pt`` (see ``run_state.py``; under FSDP the sharded
+``last.dcp/`` / ``previous.dcp/`` / ``step-<N>.dcp/`` of ``sharded_checkpoint.py``), ``final.safetensors``
+(the student's model, one plain file for ``tipstorch.load_model``, gathered from the shards under FSDP;
+the EMA teacher has no text tower, so the student is the image-text model).
+
+Under ``torchrun`` (``distributed.py``) each rank trains its rows of the step's global batch (``data.py``)
+with the student wrapped by ``parallel.py`` (DDP or FSDP2, ``loop.parallel``); the logged losses are
+averaged over the ranks, so they are the global batch's whatever the world size.
 """
 
 from __future__ import annotations
@@ -183,6 +188,11 @@ class Trainer:
                 f"({world} x {loop.accumulation_steps})"
             )
         self.local_batch = loop.batch_size // world
+        if world > 1 and loop.parallel == FSDP and cfg.optim.name == "adafactor":
+            raise ConfigError(
+                "optim.name 'adafactor' does not run on FSDP shards (torch.optim.Adafactor's in-place norms fail "
+                "on DTensor in torch 2.13): use --set optim.name=adamw with loop.parallel=fsdp, or loop.parallel=ddp"
+            )
         if loop.threads > 0:
             torch.set_num_threads(loop.threads)
         _seed_everything(loop.seed)  # the same initial weights on every rank

@@ -3,8 +3,9 @@
 For L / SO400m / g a rank should never hold the whole model in fp32: the student (and the EMA teacher)
 are built on the meta device (shapes only, no memory), sharded by ``parallel.shard_student``, given
 memory for their own shards (``to_empty``), and then initialised in place with the same schemes as
-an unsharded build: PyTorch's defaults (``reset_parameters``), then the ViT / text / head schemes, the
-LayerScale value, the temperature, the folded pixel normalisation; the EMA teacher starts as a copy.
+an unsharded build: every module's ``reset_parameters`` (PyTorch's layers, the text attention), then
+the ViT / text / head schemes, the LayerScale value, the temperature, the folded pixel normalisation
+(a parameter left unset is an error naming it); the EMA teacher starts as a copy.
 The random draws are not those of an unsharded run (each rank draws its own rows; on CPU from a
 generator seeded by rank, on GPU from DTensor's offset-based generator), only their distributions are.
 """
@@ -21,8 +22,6 @@ from tipstorch.models.vit import LayerScale, VisionTransformer
 from tipstorch.train.config import ModelCfg
 from tipstorch.train.student import TIPSStudent
 from tipstorch.train.teacher import EMATeacher, Teacher
-
-RESETTABLE = (nn.Linear, nn.LayerNorm, nn.Embedding, nn.Conv2d)
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
@@ -60,8 +59,10 @@ def materialize(
     if device.type == "cpu":
         torch.manual_seed(seed * 1_000_003 + rank)  # DTensor draws each rank's shard from its own generator here
     model = student.model
+    for parameter in student.parameters():
+        parameter.fill_(float("nan"))  # whatever no scheme below sets is caught by the check at the end
     for module in student.modules():
-        if isinstance(module, RESETTABLE):
+        if hasattr(module, "reset_parameters"):  # torch layers and MaskedSelfAttention
             module.reset_parameters()
     for module in student.modules():
         if isinstance(module, VisionTransformer):
@@ -77,6 +78,9 @@ def materialize(
     model.temperature.fill_(model.config.temperature)
     if cfg.init_pixel_mean is not None and cfg.init_pixel_std is not None:
         _fold_pixel_normalization_locally(model.visual.patch_embed.proj, cfg.init_pixel_mean, cfg.init_pixel_std)
+    unset = [name for name, parameter in student.named_parameters() if not bool(_local(parameter).isfinite().all())]
+    if unset:
+        raise RuntimeError(f"meta-device initialisation left parameters without a scheme: {unset[:5]}")
     if isinstance(teacher, EMATeacher):
         parts = student.parts()
         for name, part in teacher.ema_parts.items():
