@@ -2,13 +2,15 @@
 windows, values readout, upsampling to the image), timed as ``tipstorch segment`` runs it.
 
     python benchmarks/segmentation.py [--model tipsv2-b14] [--size 512] [--labels sky tree road car person]
-        [--rounds 5] [--precisions fp32 bf16-autocast bf16-weights]
+        [--rounds 5] [--precisions fp32 bf16-autocast bf16-weights] [--threads 1]
 
 Random weights (the timing does not depend on them) and the packaged scenes tokenizer (no download).
 ``bf16-autocast`` is what the CLI's ``--bf16`` does, ``bf16-weights`` casts the model to bfloat16. Rows
 are interleaved round by round (a burst of load from another process hits every row alike); printed per
-row: median seconds per image, the spread (slowest and fastest round over the median), and the share of
-that time spent in the text classifier (measured on its own in the same rounds).
+row: median seconds per image, the spread (slowest and fastest round over the median), CPU seconds per
+image (this process only: with ``--threads 1`` it hardly depends on the other processes' load and is the
+wall time of an idle core), and the share of the time spent in the text classifier (measured on its own
+in the same rounds).
 """
 
 from __future__ import annotations
@@ -33,7 +35,10 @@ def main() -> None:
     parser.add_argument("--labels", nargs="+", default=["sky", "tree", "road", "car", "person"])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=PRECISIONS)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     args = parser.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
 
     import tipstorch
     from tipstorch.eval.dense_predict import zero_shot_segmentation
@@ -66,14 +71,16 @@ def main() -> None:
             segmentation_classifier(model.encode_text, tokenizer, args.labels, config)
 
     seconds: dict[str, list[float]] = {precision: [] for precision in args.precisions}
+    cpu_seconds: dict[str, list[float]] = {precision: [] for precision in args.precisions}
     text_seconds: dict[str, list[float]] = {precision: [] for precision in args.precisions}
     for precision in args.precisions:
         segment(precision)  # warm-up
     for _ in range(args.rounds):
         for precision in args.precisions:
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             segment(precision)
             seconds[precision].append(time.perf_counter() - start)
+            cpu_seconds[precision].append(time.process_time() - cpu)
             start = time.perf_counter()
             classifier(precision)
             text_seconds[precision].append(time.perf_counter() - start)
@@ -82,13 +89,14 @@ def main() -> None:
         f"{config.stride}), {len(args.labels)} labels, {torch.get_num_threads()} threads, {args.rounds} "
         f"interleaved rounds\n"
     )
-    print("| precision | s / image | spread | text classifier share |")
-    print("|---|---:|---|---:|")
+    print("| precision | s / image | spread | CPU s / image | text classifier share |")
+    print("|---|---:|---|---:|---:|")
     for precision in args.precisions:
         median = statistics.median(seconds[precision])
         spread = f"{min(seconds[precision]) / median:.2f}-{max(seconds[precision]) / median:.2f}"
         share = statistics.median(text_seconds[precision]) / median
-        print(f"| {precision} | {median:.2f} | {spread} | {share:.0%} |")
+        cpu = statistics.median(cpu_seconds[precision])
+        print(f"| {precision} | {median:.2f} | {spread} | {cpu:.2f} | {share:.0%} |")
 
 
 if __name__ == "__main__":

@@ -11,10 +11,12 @@ and a square matmul in bf16 and fp32 (the peak under the load of that round), so
 another process hits every row alike. Printed per row: median images/s, the spread (slowest and
 fastest round over the median), the ratio to the first variant of its (config, batch), CPU seconds per
 step (this process only: with one thread it hardly depends on the other processes' load), GFLOP per step,
-MFU = achieved FLOP/s / median peak of the step's dtype, and the step's peak memory: the peak resident set
-of the process during one step above its resident set before it (Linux: ``/proc/self/clear_refs`` resets
-the peak; the gradients of the step before are freed first), i.e. activations, gradients and temporaries. FLOPs are counted with
-``torch.utils.flop_counter.FlopCounterMode`` on the warm-up step (matmuls, convolutions and attention,
+MFU = achieved FLOP/s / median peak of the step's dtype, the same from CPU time (FLOPs / (CPU s / threads)
+/ peak: on a loaded machine the figure an idle one would give, if the peak itself was measured while the
+matmul had its cores; its spread tells), and the step's peak memory: the peak resident set of the
+process during one step above its resident set before it (Linux: ``/proc/self/clear_refs`` resets the
+peak; the gradients of the step before are freed first), i.e. activations, gradients and temporaries.
+FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` on the warm-up step (matmuls, convolutions and attention,
 forward and backward; element-wise work and the optimiser are not counted), CPU flash attention being
 added to its table with torch's own sdpa formulas.
 Run from the repository root with the package installed (``pip install -e .``) or ``PYTHONPATH=src``.
@@ -154,14 +156,17 @@ def main() -> None:
         f"({spread[torch.float32][0]:.2f}-{spread[torch.float32][1]:.2f})\n"
     )
     print(
-        "| config | batch | variant | images/s | spread | vs first | CPU s/step | GFLOP/step | MFU | step peak MB |"
+        "| config | batch | variant | images/s | spread | vs first | CPU s/step | GFLOP/step | MFU | MFU (CPU time) "
+        "| step peak MB |"
     )
-    print("|---|---:|---|---:|---|---:|---:|---:|---:|---:|")
+    print("|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|")
     results, first = [], {}
     for row in rows:
         seconds = statistics.median(row.wall)
         reference = first.setdefault((row.config, row.batch), seconds)
-        mfu = row.flops / seconds / peak[torch.bfloat16 if row.bf16 else torch.float32]
+        row_peak = peak[torch.bfloat16 if row.bf16 else torch.float32]
+        mfu = row.flops / seconds / row_peak
+        cpu_mfu = row.flops / (statistics.median(row.cpu) / args.threads) / row_peak
         result = {
             "config": row.config,
             "batch": row.batch,
@@ -172,6 +177,7 @@ def main() -> None:
             "cpu_s_per_step": statistics.median(row.cpu),
             "gflop_per_step": row.flops / 1e9,
             "mfu": mfu,
+            "mfu_cpu_time": cpu_mfu,
             "step_peak_mb": row.peak_bytes / 1e6,
         }
         results.append(result)
@@ -179,7 +185,7 @@ def main() -> None:
             f"| {row.config} | {row.batch} | {result['variant']} | {result['images_per_s']:.2f} | "
             f"{result['spread'][0]:.2f}-{result['spread'][1]:.2f} | {result['speedup_vs_first']:.2f}x | "
             f"{result['cpu_s_per_step']:.2f} | {result['gflop_per_step']:.0f} | {100 * mfu:.1f}% | "
-            f"{result['step_peak_mb']:.0f} |"
+            f"{100 * cpu_mfu:.1f}% | {result['step_peak_mb']:.0f} |"
         )
     if args.json:
         with open(args.json, "w") as handle:
