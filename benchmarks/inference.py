@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from matmul_peak import matmul_seconds
+from matmul_peak import interleaved_rounds
 from torch.utils.flop_counter import FlopCounterMode
 
 PRECISIONS = ("fp32", "bf16-autocast", "bf16-weights")
@@ -103,13 +103,7 @@ def main() -> None:
             for precision in args.precisions
             for implementation, build in builders.items()
         ]
-    peaks: dict[torch.dtype, list[float]] = {torch.bfloat16: [], torch.float32: []}
-    for _ in range(args.rounds):
-        for row in rows:
-            row.time_forward()
-        for dtype, rates in peaks.items():
-            seconds, flops = matmul_seconds(dtype)
-            rates.append(flops / seconds)
+    peaks = interleaved_rounds(args.rounds, [row.time_forward for row in rows])
     peak = {dtype: statistics.median(rates) for dtype, rates in peaks.items()}
     print(
         f"{args.model}, random weights, batch {args.batch}, {torch.get_num_threads()} threads, {args.rounds} "

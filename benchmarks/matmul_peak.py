@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -18,3 +19,16 @@ def matmul_seconds(dtype: torch.dtype, size: int = 1024) -> tuple[float, float]:
         a @ b
         best = min(best, time.perf_counter() - start)
     return best, 2 * size**3
+
+
+def interleaved_rounds(rounds: int, timers: list[Callable[[], None]]) -> dict[torch.dtype, list[float]]:
+    """Run every timer once per round, then time the bf16 and fp32 matmuls in the same round, so that the
+    timed rows and the peak see the same machine load; returns each dtype's peak (FLOP/s) per round."""
+    peaks: dict[torch.dtype, list[float]] = {torch.bfloat16: [], torch.float32: []}
+    for _ in range(rounds):
+        for timer in timers:
+            timer()
+        for dtype, rates in peaks.items():
+            seconds, flops = matmul_seconds(dtype)
+            rates.append(flops / seconds)
+    return peaks

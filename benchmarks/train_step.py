@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from matmul_peak import matmul_seconds
+from matmul_peak import interleaved_rounds
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from tipstorch.train.config import load_config, resolve_config
@@ -140,13 +140,7 @@ def main() -> None:
             for batch in args.batches
             for variant in args.variants
         ]
-        peaks: dict[torch.dtype, list[float]] = {torch.bfloat16: [], torch.float32: []}
-        for _ in range(args.rounds):
-            for row in rows:
-                row.time_step()
-            for dtype, rates in peaks.items():
-                seconds, flops = matmul_seconds(dtype)
-                rates.append(flops / seconds)
+        peaks = interleaved_rounds(args.rounds, [row.time_step for row in rows])
     peak = {dtype: statistics.median(rates) for dtype, rates in peaks.items()}
     spread = {dtype: (min(rates) / peak[dtype], max(rates) / peak[dtype]) for dtype, rates in peaks.items()}
     print(
