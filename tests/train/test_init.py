@@ -89,7 +89,7 @@ def test_folded_pixel_normalisation_equals_normalising_the_input():
     original = torch.nn.Conv2d(3, 8, kernel_size=14, stride=14)
     original.load_state_dict(projection.state_dict())
     mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
-    fold_pixel_normalization(projection, mean, std)
+    fold_pixel_normalization(projection.weight, projection.bias, mean, std)
     pixels = torch.rand(2, 3, 28, 28)
     normalised = (pixels - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
     assert_close_to_scale(projection(pixels), original(normalised))

@@ -141,14 +141,13 @@ def _vision_state(state: Mapping[str, torch.Tensor], target: VisionTransformer) 
 
 @torch.no_grad()
 def fold_pixel_normalization(
-    patch_projection: nn.Conv2d, mean: tuple[float, float, float], std: tuple[float, float, float]
+    weight: torch.Tensor, bias: torch.Tensor, mean: tuple[float, float, float], std: tuple[float, float, float]
 ) -> None:
-    """Change the patch projection (weight [D, 3, p, p], bias [D]) so that on [0, 1] pixels it computes what
-    it computed on ``(pixels - mean) / std``: weight / std, bias - sum(weight * mean / std)."""
-    mean_t = patch_projection.weight.new_tensor(mean).view(1, 3, 1, 1)
-    std_t = patch_projection.weight.new_tensor(std).view(1, 3, 1, 1)
-    patch_projection.weight.div_(std_t)
-    patch_projection.bias.sub_((patch_projection.weight * mean_t).sum(dim=(1, 2, 3)))
+    """Change a patch projection's weight [D, 3, p, p] and bias [D] in place so that on [0, 1] pixels it
+    computes what it computed on ``(pixels - mean) / std``: weight / std, bias - sum(weight * mean / std).
+    Row d of both depends on row d alone, so a rank may fold its own rows of sharded tensors."""
+    weight.div_(weight.new_tensor(std).view(1, 3, 1, 1))
+    bias.sub_((weight * weight.new_tensor(mean).view(1, 3, 1, 1)).sum(dim=(1, 2, 3)))
 
 
 def build_model(cfg: ModelCfg) -> tuple[TIPSModel, StartingPoint | None]:
@@ -156,7 +155,8 @@ def build_model(cfg: ModelCfg) -> tuple[TIPSModel, StartingPoint | None]:
     if cfg.init is None:
         model = TIPSModel(model_config(cfg))
         if cfg.init_pixel_mean is not None and cfg.init_pixel_std is not None:
-            fold_pixel_normalization(model.visual.patch_embed.proj, cfg.init_pixel_mean, cfg.init_pixel_std)
+            projection = model.visual.patch_embed.proj
+            fold_pixel_normalization(projection.weight, projection.bias, cfg.init_pixel_mean, cfg.init_pixel_std)
         start = None
     else:
         start = load_starting_point(cfg.init)

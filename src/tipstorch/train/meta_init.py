@@ -20,19 +20,13 @@ from tipstorch.models.heads import ProjectionHead
 from tipstorch.models.text import TextTransformer, sinusoidal_positions
 from tipstorch.models.vit import LayerScale, VisionTransformer
 from tipstorch.train.config import ModelCfg
+from tipstorch.train.init import fold_pixel_normalization
 from tipstorch.train.student import TIPSStudent
 from tipstorch.train.teacher import EMATeacher, Teacher
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
-
-
-def _fold_pixel_normalization_locally(proj: nn.Conv2d, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
-    """``init.fold_pixel_normalization`` on each rank's rows (weight and bias are sharded on dim 0 alike)."""
-    weight, bias = _local(proj.weight), _local(proj.bias)
-    weight.div_(weight.new_tensor(std).view(1, 3, 1, 1))
-    bias.sub_((weight * weight.new_tensor(mean).view(1, 3, 1, 1)).sum(dim=(1, 2, 3)))
 
 
 def _recompute_buffers(student: TIPSStudent) -> None:
@@ -77,7 +71,9 @@ def materialize(
             module._init_mlp()
     model.temperature.fill_(model.config.temperature)
     if cfg.init_pixel_mean is not None and cfg.init_pixel_std is not None:
-        _fold_pixel_normalization_locally(model.visual.patch_embed.proj, cfg.init_pixel_mean, cfg.init_pixel_std)
+        projection = model.visual.patch_embed.proj  # weight and bias sharded on dim 0 alike: each rank folds its rows
+        weight, bias = _local(projection.weight), _local(projection.bias)
+        fold_pixel_normalization(weight, bias, cfg.init_pixel_mean, cfg.init_pixel_std)
     unset = [name for name, parameter in student.named_parameters() if not bool(_local(parameter).isfinite().all())]
     if unset:
         raise RuntimeError(f"meta-device initialisation left parameters without a scheme: {unset[:5]}")
