@@ -4,7 +4,8 @@ checkpoints resume on 2 and on 1 process, and a single-file checkpoint of 1 proc
 One group of 2 processes runs every distributed part (process start-up dominates the time):
   ddp      4 steps, DDP, head-only EMA teacher;
   fsdp     FSDP with a full EMA teacher, gradient accumulation and activation checkpointing: 2 steps,
-           checkpoint (last.dcp), then a second Trainer resumes it to step 4 (interrupted + resumed on 2);
+           checkpoint (last.dcp), then a second Trainer resumes it to step 4 (interrupted + resumed on 2)
+           and evaluates the gathered model;
   from_one FSDP resuming the step-2 last.pt of one process to step 4 (1 -> 2);
   meta     FSDP with meta-device initialisation and the bf16 policy, 1 step.
 The parent process runs the one-process references and resumes the FSDP step-2 checkpoint alone (2 -> 1).
@@ -52,6 +53,11 @@ def record(trainer: Trainer, history: list[dict[str, float]]) -> dict:
             "losses": losses(history)}
 
 
+def weight_sum(model: torch.nn.Module, tokenizer) -> dict[str, float]:
+    """An "evaluation" that names the weights it was given: their sum (float64)."""
+    return {"weight_sum": sum(float(value.double().sum()) for value in model.state_dict().values())}
+
+
 def run_rank(rank: int, port: int, folder: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD), RANK=str(rank),
                       LOCAL_RANK=str(rank))
@@ -64,8 +70,10 @@ def run_rank(rank: int, port: int, folder: str) -> None:
     first = Trainer(tiny_cfg(*COMMON, *FSDP), get_tokenizer, out_dir=folder / "fsdp")
     first_half = first.fit(_first(first, HALF)).history
     state, _ = load_checkpoint(folder / "fsdp")
-    second = Trainer(tiny_cfg(*COMMON, *FSDP), get_tokenizer, out_dir=folder / "fsdp", resume=state)
-    results["fsdp"] = record(second, first_half + second.fit().history)
+    second = Trainer(tiny_cfg(*COMMON, *FSDP), get_tokenizer, out_dir=folder / "fsdp", resume=state,
+                     evaluate=weight_sum)
+    second_result = second.fit()
+    results["fsdp"] = record(second, first_half + second_result.history) | {"eval_after": second_result.eval_after}
     state, _ = load_checkpoint(folder / "one")
     from_one = Trainer(tiny_cfg(*COMMON, *FSDP), get_tokenizer, out_dir=folder / "from_one", resume=state)
     results["from_one"] = record(from_one, from_one.fit().history)
@@ -156,6 +164,14 @@ def test_fsdp_interrupted_then_resumed_on_two_processes_equals_one_uninterrupted
     exported = tipstorch.load_model(folder / "fsdp" / "final.safetensors")  # one plain file
     for key, value in exported.state_dict().items():
         torch.testing.assert_close(value, ranks[0]["fsdp"]["student"][f"model.{key}"], rtol=0, atol=0)
+
+
+def test_fsdp_evaluates_the_whole_trained_model_on_rank_zero_only(runs):
+    _, ranks, _ = runs
+    trained = ranks[0]["fsdp"]["student"]
+    expected = sum(float(value.double().sum()) for key, value in trained.items() if key.startswith("model."))
+    assert ranks[0]["fsdp"]["eval_after"]["weight_sum"] == pytest.approx(expected, rel=1e-12)
+    assert ranks[1]["fsdp"]["eval_after"] is None
 
 
 def test_a_single_file_checkpoint_of_one_process_resumes_on_two_fsdp_processes(runs):

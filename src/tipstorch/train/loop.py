@@ -313,12 +313,13 @@ class Trainer:
         prefix = "model."
         return {key[len(prefix):]: value for key, value in whole.items() if key.startswith(prefix)}
 
-    def evaluation_model(self) -> TIPSModel | None:
-        """The model to evaluate on rank 0 (a collective call): the trained one, or under FSDP an unsharded
-        copy gathered from the shards (None on the other ranks)."""
+    def evaluation_model(self, exported: dict[str, torch.Tensor] | None = None) -> TIPSModel | None:
+        """The model to evaluate on rank 0 (a collective call unless ``exported``, this step's
+        ``export_state()``, is given): the trained one, or under FSDP an unsharded copy built from the
+        gathered weights (None on the other ranks)."""
         if not self.sharded:
             return self.model
-        state = self.export_state()
+        state = self.export_state() if exported is None else exported
         if not self.context.is_main:
             return None
         model = TIPSModel(self.model.config).to(self.context.device)
@@ -362,9 +363,10 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ run
 
-    def run_evaluation(self) -> dict[str, float]:
-        """The evaluation's metrics on rank 0 (a collective call under FSDP; {} on the other ranks)."""
-        model = self.evaluation_model()
+    def run_evaluation(self, exported: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+        """The evaluation's metrics on rank 0 (a collective call under FSDP; {} on the other ranks);
+        ``exported`` as for ``evaluation_model``."""
+        model = self.evaluation_model(exported)
         if model is None:
             return {}
         model.eval()
@@ -432,7 +434,7 @@ class Trainer:
             if main:
                 result.export = save_model_state(self.model.config, exported, self.out_dir / FINAL)
             if evaluating:
-                result.eval_after = self.run_evaluation() or None
+                result.eval_after = self.run_evaluation(exported) or None  # the weights gathered once
                 if main:
                     log.scalars(self.step, result.eval_after, prefix="eval")
         finally:
