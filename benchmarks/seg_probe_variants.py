@@ -20,15 +20,9 @@ import torch.nn.functional as F
 from tipstorch.data.scene_splits import SceneSplits
 from tipstorch.data.scenes import SHAPES
 from tipstorch.data.transforms import image_transform
-from tipstorch.eval.metrics import SegmentationMetric
-from tipstorch.eval.probes import (
-    LINEAR_SEGMENTATION_RECIPE,
-    PatchFeatures,
-    run_dense_probe,
-    segmentation_loss,
-)
+from tipstorch.eval.features import patch_features_encoder
+from tipstorch.eval.probes import LINEAR_SEGMENTATION_RECIPE, PatchFeatures, linear_segmentation_probe
 from tipstorch.eval.quick import QUICK_SETTINGS
-from tipstorch.models.dense import LinearSegmentationHead
 from tipstorch.train.config import load_config, resolve_config
 from tipstorch.train.loop import Trainer
 from tipstorch.weights.factory import get_tokenizer, load_model
@@ -43,13 +37,11 @@ def model_features(
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per split: (patch_tokens [N, h, w, D], spatial_cls [N, D]) of images [N, 3, H, W]."""
     model.eval()
+    encode = patch_features_encoder(model.encode_image)
     features = {}
     for split, batch in images.items():
-        parts = [model.encode_image(chunk) for chunk in batch.split(64)]
-        features[split] = (
-            torch.cat([p.patch_tokens for p in parts]),
-            torch.cat([p.spatial_cls for p in parts]),
-        )
+        tokens, cls = zip(*(encode(chunk) for chunk in batch.split(64)), strict=True)
+        features[split] = torch.cat(tokens), torch.cat(cls)
     return features
 
 
@@ -65,21 +57,11 @@ def probe(features: dict, masks: dict, use_cls: bool, batch_norm: bool, learning
         LINEAR_SEGMENTATION_RECIPE.scaled(QUICK_SETTINGS.probe_iterations, QUICK_SETTINGS.probe_batch_size),
         learning_rate=learning_rate,
     )
-    inputs = {
-        split: PatchFeatures(tokens, cls if use_cls else None) for split, (tokens, cls) in features.items()
-    }
-    head = LinearSegmentationHead(
-        features["train"][0].shape[-1], NUM_CLASSES, use_cls=use_cls, batch_norm=batch_norm
+    train, test = (
+        (PatchFeatures(features[split][0], features[split][1] if use_cls else None), masks[split])
+        for split in ("train", "test")
     )
-    return run_dense_probe(
-        head,
-        (inputs["train"], masks["train"]),
-        (inputs["test"], masks["test"]),
-        segmentation_loss,
-        SegmentationMetric(NUM_CLASSES),
-        lambda logits: logits.argmax(dim=1),
-        recipe,
-    )
+    return linear_segmentation_probe(train, test, NUM_CLASSES, recipe, batch_norm=batch_norm)
 
 
 def main() -> None:

@@ -333,9 +333,13 @@ def linear_segmentation_probe(
     config: ProbeOptimConfig = LINEAR_SEGMENTATION_RECIPE,
     ignore_index: int = 255,
     progress: bool = False,
+    batch_norm: bool = True,
 ) -> dict:
-    """Linear segmentation probe; masks long [N, H, W]; uses the CLS token when features carry one."""
-    head = LinearSegmentationHead(train[0].embed_dim, num_classes, use_cls=train[0].spatial_cls is not None)
+    """Linear segmentation probe; masks long [N, H, W]; uses the CLS token when features carry one;
+    ``batch_norm`` False drops the BatchNorm of the DINOv2 head (for studying the probe)."""
+    head = LinearSegmentationHead(
+        train[0].embed_dim, num_classes, use_cls=train[0].spatial_cls is not None, batch_norm=batch_norm
+    )
     return run_dense_probe(
         head,
         train,
