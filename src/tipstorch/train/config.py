@@ -150,6 +150,11 @@ class LoopCfg:
     batch_size: int = 16384  # 4.1: global batch (all ranks, all accumulation steps)
     accumulation_steps: int = 1
     bf16: bool = True
+    # How bf16 computes (train/precision.py): "autocast" casts each matmul's operands (float32 parameters and
+    # residual stream); "weights" runs the step on bf16 copies of the weights, cast once per step from the float32
+    # master weights that the optimiser, the gradients, DDP's all-reduce and the EMA teacher keep (bf16
+    # activations end to end, no per-op casts; under FSDP: its bf16 policy without autocast).
+    bf16_mode: Literal["autocast", "weights"] = "autocast"
     checkpoint_every: int = 1000  # steps between writes of last.pt (also written at the end and on SIGTERM/SIGINT)
     keep_every: int = 0  # permanent step-<N>.pt at every multiple of it (also writes last.pt then); 0 = none
     log_every: int = 10
