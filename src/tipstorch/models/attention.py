@@ -1,11 +1,25 @@
-"""Scaled dot-product attention of both towers, fused or written out (timm's ``fused_attn`` switch).
+"""Scaled dot-product attention of both towers, fused or written out (timm's ``fused_attn`` switch), chosen
+per call by device, dtype, sequence length and whether a backward follows (``fused=None``, the default).
 
-``fused=True`` calls ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels: the choice for
-long sequences and on GPUs). ``fused=False`` writes the same maths as two matmuls and a softmax (whose
-kernels accumulate in float32 for bfloat16 / float16 inputs):
-on a CPU it is several times faster than the fused kernel's backward for short sequences in bfloat16
-(measured at 18-66 tokens, ``benchmarks/attention.py``), at the cost of an explicit [B, H, L, L] score
-tensor. Both give the same values to float tolerance.
+``fused=True`` calls ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels); ``fused=False``
+writes the same maths as two matmuls and a softmax (whose kernels accumulate in float32 for bfloat16 /
+float16 inputs), at the cost of an explicit [B, H, Lq, Lk] score tensor. Both give the same values to
+float tolerance. ``use_fused_attention`` (``fused=None``) picks the form that costs less where it was
+measured (``benchmarks/attention.py``: 6 heads x 64, B x L ~ 16k tokens, one thread of an AMX Xeon;
+written-out CPU time / fused):
+
+======================  =======  =======  =======  ========
+CPU, Lk tokens          18       66       258      1026
+======================  =======  =======  =======  ========
+bf16, forward+backward  0.12     0.15     0.54     1.17
+fp32, forward+backward  0.69     0.88     1.60     2.30
+bf16, forward           0.91     0.76     1.51     3.51
+fp32, forward           0.94     1.06     1.91     3.10
+======================  =======  =======  =======  ========
+
+The rule: on a CPU, written out for at most ``WRITTEN_OUT_MAX_TOKENS`` keys (512 when a backward follows in
+bf16 / fp16: the fused kernel's CPU backward in bf16 is several times slower; 128 otherwise); fused on
+every other device (CUDA's flash kernels) and for longer sequences, where the score tensor grows as L^2.
 """
 
 from __future__ import annotations
@@ -15,18 +29,34 @@ import math
 import torch
 import torch.nn.functional as F
 
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+WRITTEN_OUT_MAX_TOKENS = {"half_backward": 512, "other": 128}
+
+
+def use_fused_attention(query: torch.Tensor, key: torch.Tensor) -> bool:
+    """Whether ``attention`` with ``fused=None`` calls the fused kernel for these queries / keys
+    [B, H, L, d] (see the module docstring for the measurement behind the rule)."""
+    if query.device.type != "cpu":
+        return True
+    backward = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad)
+    case = "half_backward" if backward and query.dtype in HALF_DTYPES else "other"
+    return key.shape[-2] > WRITTEN_OUT_MAX_TOKENS[case]
+
 
 def attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
     key_mask: torch.Tensor | None = None,
-    fused: bool = True,
+    fused: bool | None = None,
 ) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v: query [B, H, Lq, d], key / value [B, H, Lk, d] -> [B, H, Lq, d].
 
     key_mask: optional bool broadcastable to [B, H, Lq, Lk], True where a key may be attended.
+    fused: the fused kernel (True), the written-out form (False) or ``use_fused_attention``'s choice (None).
     """
+    if fused is None:
+        fused = use_fused_attention(query, key)
     if fused:
         return F.scaled_dot_product_attention(query, key, value, attn_mask=key_mask)
     scores = (query * (1.0 / math.sqrt(query.shape[-1]))) @ key.transpose(-2, -1)

@@ -47,9 +47,10 @@ class ModelCfg:
     temperature: float | None = None  # initial contrastive temperature; None = the model config's
     init: str | None = None
     grad_checkpointing: bool = False
-    # Attention through F.scaled_dot_product_attention (true) or written out (false: the same values, several
-    # times faster on a CPU in bf16 for the short sequences of small crops; see models/attention.py).
-    fused_attention: bool = True
+    # Attention through F.scaled_dot_product_attention (true), written out (false: the same values, several times
+    # faster on a CPU in bf16 for the short sequences of small crops) or chosen per call by device, dtype, sequence
+    # length and backward (auto: the measured rule of models/attention.py).
+    fused_attention: Literal["auto", True, False] = "auto"
     # From scratch only: fold a pixel normalisation into the initial patch embedding, so the random
     # network starts as if fed (pixels - mean) / std while keeping the [0, 1] input of the released
     # models. Not in the paper; the values are the ImageNet statistics DINOv2 / open_clip normalise with.
