@@ -5,21 +5,22 @@ per call by device, dtype, sequence length and whether a backward follows (``fus
 writes the same maths as two matmuls and a softmax (whose kernels accumulate in float32 for bfloat16 /
 float16 inputs), at the cost of an explicit [B, H, Lq, Lk] score tensor. Both give the same values to
 float tolerance. ``use_fused_attention`` (``fused=None``) picks the form that costs less where it was
-measured (``benchmarks/attention.py``: 6 heads x 64, B x L ~ 16k tokens, one thread of an AMX Xeon;
-written-out CPU time / fused):
+measured (``benchmarks/attention.py``, 5 rounds: 6 heads x 64, B x L ~ 16k tokens, one thread of an AMX
+Xeon; written-out CPU time / fused):
 
 ======================  =======  =======  =======  ========
 CPU, Lk tokens          18       66       258      1026
 ======================  =======  =======  =======  ========
-bf16, forward+backward  0.12     0.15     0.54     1.17
-fp32, forward+backward  0.69     0.88     1.60     2.30
-bf16, forward           0.91     0.76     1.51     3.51
-fp32, forward           0.94     1.06     1.91     3.10
+bf16, forward+backward  0.11     0.13     0.57     1.18
+fp32, forward+backward  0.73     0.89     1.68     1.90
+bf16, forward           0.93     0.82     1.13     3.46
+fp32, forward           0.99     1.09     2.43     2.90
 ======================  =======  =======  =======  ========
 
-The rule: on a CPU, written out for at most ``WRITTEN_OUT_MAX_TOKENS`` keys (512 when a backward follows in
-bf16 / fp16: the fused kernel's CPU backward in bf16 is several times slower; 128 otherwise); fused on
-every other device (CUDA's flash kernels) and for longer sequences, where the score tensor grows as L^2.
+The rule (``WRITTEN_OUT_MAX_TOKENS``): on a CPU, written out for at most 512 keys when a backward follows
+in bf16 / fp16 (the fused kernel's CPU backward in bf16 is several times slower), 128 keys for a backward
+in fp32 or a bf16 / fp16 forward, never for an fp32 forward; fused on every other device (CUDA's flash
+kernels) and for longer sequences, where the written-out [Lq, Lk] scores grow as L^2.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ import torch
 import torch.nn.functional as F
 
 HALF_DTYPES = (torch.bfloat16, torch.float16)
-WRITTEN_OUT_MAX_TOKENS = {"half_backward": 512, "other": 128}
+# (a backward follows, bf16 / fp16) -> the longest key sequence written out on a CPU (0: always fused)
+WRITTEN_OUT_MAX_TOKENS = {(True, True): 512, (True, False): 128, (False, True): 128, (False, False): 0}
 
 
 def use_fused_attention(query: torch.Tensor, key: torch.Tensor) -> bool:
@@ -39,8 +41,7 @@ def use_fused_attention(query: torch.Tensor, key: torch.Tensor) -> bool:
     if query.device.type != "cpu":
         return True
     backward = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad)
-    case = "half_backward" if backward and query.dtype in HALF_DTYPES else "other"
-    return key.shape[-2] > WRITTEN_OUT_MAX_TOKENS[case]
+    return key.shape[-2] > WRITTEN_OUT_MAX_TOKENS[(backward, query.dtype in HALF_DTYPES)]
 
 
 def attention(
