@@ -75,7 +75,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     settings = QUICK_SETTINGS
-    splits = SceneSplits(settings.image_size, settings.seed, settings.scenes_train, settings.scenes_test)
+    splits = SceneSplits(settings.image_size, settings.scenes_seed, settings.scenes_train, settings.scenes_test)
     transform = image_transform(settings.image_size)
     images = {
         split: torch.stack([transform(s.image) for s in samples]) for split, samples in splits.samples.items()

@@ -77,6 +77,25 @@ def test_results_are_reproducible_and_the_caller_state_is_restored():
     assert quick_evaluation(model, tokenizer, settings, tasks, progress=False) == first
 
 
+def test_a_task_scores_the_same_whatever_tasks_ran_before_it():
+    """Each task seeds the global RNG itself: a probe head's initial weights do not depend on the task list."""
+    model = tiny_tips()
+    tokenizer = tipstorch.get_tokenizer(model)
+    alone = quick_evaluation(model, tokenizer, SMALL, ("normals-dpt",), progress=False)
+    after_others = quick_evaluation(model, tokenizer, SMALL, ("seg-probe", "depth-probe", "normals-dpt"), progress=False)
+    assert {key: after_others[key] for key in alone} == alone
+
+
+def test_the_probe_seed_changes_the_probes_but_not_the_scenes():
+    """``seed`` draws the probes; ``scenes_seed`` the rendered scenes (the same for every probe seed)."""
+    model = tiny_tips()
+    tokenizer = tipstorch.get_tokenizer(model)
+    runs = [quick_evaluation(model, tokenizer, replace(SMALL, seed=seed), ("normals-dpt", "zeroshot-seg"), progress=False)
+            for seed in (0, 1)]
+    assert runs[0]["normals_dpt/mean_deg"] != runs[1]["normals_dpt/mean_deg"]
+    assert runs[0]["zeroshot_seg/miou"] == runs[1]["zeroshot_seg/miou"]  # no probe: same scenes, same score
+
+
 @pytest.mark.parametrize(("overrides", "message"), [({"image_size": 100}, "multiple of 14"), ({"scenes_test": 1}, ">= 2")])
 def test_bad_settings_are_refused_with_the_reason(overrides, message):
     with pytest.raises(ValueError, match=message):

@@ -42,7 +42,7 @@ class SceneOracle(nn.Module):
         super().__init__()
         self.anchor = nn.Parameter(torch.zeros(()))  # the evaluation reads the device from the parameters
         self.image_size, self.collapsed, self.dense = settings.image_size, collapsed, dense
-        splits = SceneSplits(settings.image_size, settings.seed, settings.scenes_train, settings.scenes_test)
+        splits = SceneSplits(settings.image_size, settings.scenes_seed, settings.scenes_train, settings.scenes_test)
         samples = splits.samples["train"] + splits.samples["test"]
         transform = image_transform(settings.image_size)
         self.pixels = torch.stack([transform(s.image) for s in samples]).flatten(1)

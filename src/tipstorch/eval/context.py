@@ -34,11 +34,14 @@ class EvalSettings:
         linear 224).
     max_samples: seeded random subset of at most N samples per split (smoke runs only).
     probe_iterations, probe_batch_size: dense probe schedule (paper: 40k-50k iterations, batch 16 / 8).
-    seed: seed of the subsets, the probes and of the global RNG during the run.
+    seed: seed of the subsets and the probes: the global RNG is seeded with it at the start of every
+        task (probe heads draw their initial weights from it), so a task's result does not depend on
+        the tasks run before it.
     seg_probe_lr, depth_probe_lr, dpt_lr: learning rates replacing the paper's (short schedules).
     linear_epochs, linear_batch_size: the linear classifier (paper: 10 epochs, batch 1024).
     dpt_channels: DPT fusion channels (official: 256).
     scenes_train, scenes_test: number of built-in scenes that train / score (``--data scenes``).
+    scenes_seed: seed of the built-in scenes rendered for evaluation (training draws seed 0 by default).
     """
 
     image_size: int | None = None
@@ -57,6 +60,7 @@ class EvalSettings:
     dpt_channels: int | None = None
     scenes_train: int = 512
     scenes_test: int = 256
+    scenes_seed: int = 1234
 
     def __post_init__(self) -> None:
         if self.image_size is not None and (self.image_size <= 0 or self.image_size % 14):
@@ -148,7 +152,7 @@ class EvalContext:
         size = self.size()
         if size not in self.rendered:
             settings = self.settings
-            self.rendered[size] = SceneSplits(size, settings.seed, settings.scenes_train, settings.scenes_test)
+            self.rendered[size] = SceneSplits(size, settings.scenes_seed, settings.scenes_train, settings.scenes_test)
         return self.rendered[size]
 
     def features(self, key: tuple, dataset: Dataset, encode: Callable, size: int, desc: str) -> ExtractedFeatures:

@@ -297,8 +297,9 @@ def run_tasks(ctx: EvalContext, runs: Sequence[tuple[str, str, Path | None]], de
     """Run every (task, data key, root) of ``runs`` in order; results keyed ``"<data key>/<task name>"``.
 
     The model runs in eval mode and is put back in its previous mode; the global torch RNG is seeded
-    with ``settings.seed`` for the run (probe heads draw their initial weights from it) and restored
-    afterwards, so results depend only on the model, the settings and the runs.
+    with ``settings.seed`` at the start of every task (probe heads draw their initial weights from it)
+    and restored afterwards, so a task's results depend only on the model, the settings and the task,
+    not on the tasks run before it.
     """
     unknown = sorted({task for task, _, _ in runs if task not in TASKS})
     if unknown:
@@ -309,11 +310,11 @@ def run_tasks(ctx: EvalContext, runs: Sequence[tuple[str, str, Path | None]], de
     results: dict[str, TaskResult] = {}
     try:
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(ctx.settings.seed)
             progress = tqdm(runs, desc=desc, unit="task", disable=not ctx.settings.progress)
             for task, key, root in progress:
                 name = f"{key}/{TASKS[task].name}"
                 progress.set_postfix_str(name)
+                torch.manual_seed(ctx.settings.seed)
                 start = time.perf_counter()
                 try:
                     result = TASKS[task].run(ctx, key, root)
