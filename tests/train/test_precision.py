@@ -45,7 +45,8 @@ def test_bf16_weights_run_the_blocks_in_bf16_without_autocast(tmp_path):
     trainer.model.visual.blocks[0].attn.register_forward_pre_hook(note)
     trainer.fit()
     assert seen and set(seen) == {(torch.bfloat16, torch.bfloat16, False)}
-    assert trainer.model.visual.blocks[0].attn.qkv.weight.dtype == torch.float32  # the master, outside the step
+    # outside the step the module holds its float32 master
+    assert trainer.model.visual.blocks[0].attn.qkv.weight.dtype == torch.float32
 
 
 def test_the_optimizer_moves_the_float32_masters_by_less_than_bf16_resolves(tmp_path):
@@ -59,7 +60,8 @@ def test_the_optimizer_moves_the_float32_masters_by_less_than_bf16_resolves(tmp_
     assert weight.dtype == weight.grad.dtype == torch.float32
     assert all(value.dtype == torch.float32 for value in trainer.student.parameters())
     after = dict(trainer.student.named_parameters())
-    linears = [f"{name}.weight" for name, module in trainer.student.named_modules() if isinstance(module, nn.Linear)]
+    modules = trainer.student.named_modules()
+    linears = [f"{name}.weight" for name, module in modules if isinstance(module, nn.Linear)]
     assert len(linears) > 10
     for name in linears:
         moved = (after[name].detach() - before[name]).abs()
@@ -90,16 +92,23 @@ def test_micro_batch_gradients_of_bf16_weights_accumulate_in_float32():
         student, cfg = real_student()
         teacher = EMATeacher(student.parts(), mode="heads")
         with ComputeWeights([student, teacher]).swapped():
-            forward_backward(student, teacher, TIPSLoss(cfg, HEADS.num_prototypes), real_batch(), VALUES,
-                             micro_batches)
+            forward_backward(
+                student, teacher, TIPSLoss(cfg, HEADS.num_prototypes), real_batch(), VALUES, micro_batches
+            )
         return {name: value.grad for name, value in student.named_parameters() if value.grad is not None}
 
     def bf16_exact(grad: torch.Tensor) -> float:
         return float((grad.bfloat16().float() == grad).float().mean())
 
     full, accumulated = step(1), step(2)
-    matmul_weights = [name for name in full if name.endswith("weight") and full[name].ndim == 2
-                      and "prototypes" not in name and "embedding" not in name]
+    matmul_weights = [
+        name
+        for name in full
+        if name.endswith("weight")
+        and full[name].ndim == 2
+        and "prototypes" not in name
+        and "embedding" not in name
+    ]
     assert len(matmul_weights) > 10
     for name in matmul_weights:
         assert full[name].dtype == accumulated[name].dtype == torch.float32, name
@@ -112,8 +121,11 @@ def test_micro_batch_gradients_of_bf16_weights_accumulate_in_float32():
 def test_compute_weights_leave_the_float32_parameters_of_a_module_alone():
     student, _ = real_student()
     weights = ComputeWeights([student])
-    kept = {id(student.dino_head.prototypes.weight), id(student.ibot_head.prototypes.weight),
-            id(student.model.temperature)}
+    kept = {
+        id(student.dino_head.prototypes.weight),
+        id(student.ibot_head.prototypes.weight),
+        id(student.model.temperature),
+    }
     assert not kept & {id(master) for master in weights.masters}
     with weights.swapped():
         assert student.dino_head.prototypes.weight.dtype == student.model.temperature.dtype == torch.float32

@@ -32,6 +32,7 @@ from torch import nn
 AUTOCAST, WEIGHTS = "autocast", "weights"
 BF16_MODES = (AUTOCAST, WEIGHTS)
 
+
 class _ComputeCopy(torch.autograd.Function):
     """Forward: the master's low-precision copy (no cast here: it was made once for the step). Backward:
     the copy's gradient, cast to the master's dtype, goes to the master."""
@@ -100,8 +101,8 @@ class ComputeWeights:
         for master, copy in zip(self.masters, self.copies, strict=True):
             differentiable = master.requires_grad and torch.is_grad_enabled()
             stand_ins[id(master)] = _ComputeCopy.apply(master, copy) if differentiable else copy
-        for owner, name, master in self.slots:
-            owner._parameters[name] = stand_ins[id(master)]  # a plain tensor: nn.Module.__setattr__ refuses it
+        for owner, name, master in self.slots:  # plain tensors, which nn.Module.__setattr__ refuses
+            owner._parameters[name] = stand_ins[id(master)]
         try:
             yield
         finally:
