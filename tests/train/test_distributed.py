@@ -7,7 +7,9 @@ One group of 2 processes runs every distributed part (process start-up dominates
            checkpoint (last.dcp), then a second Trainer resumes it to step 4 (interrupted + resumed on 2)
            and evaluates the gathered model;
   from_one FSDP resuming the step-2 last.pt of one process to step 4 (1 -> 2);
-  meta     FSDP with meta-device initialisation and the bf16 policy, 1 step.
+  meta     FSDP with meta-device initialisation and the bf16 policy, 1 step;
+  ddp_bf16_weights  DDP on bf16 compute weights (loop.bf16_mode=weights), 4 steps;
+  fsdp_bf16_weights FSDP with loop.bf16_mode=weights (its bf16 policy, no autocast), 1 step.
 The parent process runs the one-process references and resumes the FSDP step-2 checkpoint alone (2 -> 1).
 """
 
@@ -33,6 +35,7 @@ WORLD = 2
 STEPS, HALF = 4, 2
 COMMON = (f"loop.steps={STEPS}", "loop.batch_size=8", f"loop.checkpoint_every={HALF}")
 DDP = ("loop.parallel=ddp",)
+BF16_WEIGHTS = ("loop.bf16=true", "loop.bf16_mode=weights")
 FSDP = ("loop.parallel=fsdp", "teacher.mode=full", "loop.accumulation_steps=2", "model.grad_checkpointing=true")
 
 
@@ -78,6 +81,11 @@ def run_rank(rank: int, port: int, folder: str) -> None:
     from_one = Trainer(tiny_cfg(*COMMON, *FSDP), get_tokenizer, out_dir=folder / "from_one", resume=state)
     results["from_one"] = record(from_one, from_one.fit().history)
     results["meta"] = meta_run(folder)
+    ddp_bf16 = Trainer(tiny_cfg(*COMMON, *DDP, *BF16_WEIGHTS), get_tokenizer, out_dir=folder / "ddp_bf16_weights")
+    results["ddp_bf16_weights"] = record(ddp_bf16, ddp_bf16.fit().history)
+    results["fsdp_bf16_weights"] = compute_dtypes_of_a_step(
+        Trainer(tiny_cfg(*COMMON, *FSDP, *BF16_WEIGHTS, "loop.steps=1"), get_tokenizer,
+                out_dir=folder / "fsdp_bf16_weights"))
     torch.save(results, folder / f"rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -107,6 +115,18 @@ def meta_run(folder: Path) -> dict:
                     "master_dtype": str(block_weight.dtype)}
 
 
+def compute_dtypes_of_a_step(trainer: Trainer) -> dict:
+    """The dtypes the first block's MLP computes in (weight, input, autocast on?) during one step."""
+    seen = set()
+
+    def note(module: torch.nn.Module, args: tuple) -> None:
+        seen.add((str(module.fc1.weight.dtype), str(args[0].dtype), torch.is_autocast_enabled("cpu")))
+
+    trainer.model.visual.blocks[0].mlp.register_forward_pre_hook(note)
+    history = trainer.fit().history
+    return {"seen": sorted(seen), "total": history[0]["total"]}
+
+
 def _first(trainer: Trainer, steps: int):
     """The trainer's own stream, cut after ``steps`` batches (the run stops there, as if killed after its
     checkpoint)."""
@@ -124,7 +144,7 @@ def runs(tmp_path_factory):
     mp.spawn(run_rank, args=(free_port(), str(folder)), nprocs=WORLD, join=True)
     ranks = [torch.load(folder / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD)]
     references = {}
-    for name, overrides in (("ddp", DDP), ("fsdp", FSDP)):
+    for name, overrides in (("ddp", DDP), ("fsdp", FSDP), ("ddp_bf16_weights", (*DDP, *BF16_WEIGHTS))):
         single = Trainer(tiny_cfg(*COMMON, *overrides), get_tokenizer, out_dir=folder / f"single-{name}")
         references[name] = record(single, single.fit().history)
     return folder, ranks, references
@@ -211,3 +231,24 @@ def test_fsdp_bf16_policy_computes_in_bf16_over_fp32_master_weights(runs):
     meta = ranks[0]["meta"]
     assert (meta["compute_dtype"], meta["master_dtype"]) == ("torch.bfloat16", "torch.float32")
     assert torch.isfinite(torch.tensor(meta["total"]))
+
+
+def test_ddp_on_bf16_compute_weights_equals_one_process_to_bf16_tolerance(runs):
+    """DDP all-reduces the float32 gradients of the masters: the ranks stay identical and the run is one
+    process's (bf16 activations of 4-row and 8-row matmuls may round apart: bf16 tolerance)."""
+    _, ranks, references = runs
+    got, expected = ranks[0]["ddp_bf16_weights"], references["ddp_bf16_weights"]
+    assert got["losses"] == ranks[1]["ddp_bf16_weights"]["losses"]
+    for step, (a, b) in enumerate(zip(got["losses"], expected["losses"], strict=True)):
+        for name in ("total", "clip_global", "clip_spatial", "dino", "ibot", "grad_norm"):
+            assert a[name] == pytest.approx(b[name], rel=2e-2), (step, name)
+    for key, value in got["student"].items():
+        assert value.dtype == torch.float32 and torch.equal(value, ranks[1]["ddp_bf16_weights"]["student"][key])
+
+
+def test_fsdp_on_bf16_compute_weights_runs_its_bf16_policy_without_autocast(runs):
+    _, ranks, _ = runs
+    for rank in ranks:
+        got = rank["fsdp_bf16_weights"]
+        assert got["seen"] == [("torch.bfloat16", "torch.bfloat16", False)]
+        assert torch.isfinite(torch.tensor(got["total"]))

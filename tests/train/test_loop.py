@@ -53,6 +53,8 @@ def straight_and_resumed(tmp_path, steps: int, config: str, *overrides: str):
         ("tiny_cpu", ["loop.accumulation_steps=2"]),  # TIPSv2: head-only EMA, iBOT++, two micro-batches
         ("tips", []),  # TIPS: full EMA teacher, iBOT on masked tokens
         ("tiny_cpu", ["model.vision.depth=2", "model.vision.drop_path_rate=0.5"]),  # random draws: RNG resumes
+        # bf16 compute weights: the checkpoint holds the float32 masters, the copies are made again
+        ("tiny_cpu", ["loop.bf16=true", "loop.bf16_mode=weights", "loop.accumulation_steps=2"]),
     ],
 )
 def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(tmp_path, config, overrides):

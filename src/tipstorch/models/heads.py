@@ -27,6 +27,8 @@ class ProjectionHead(nn.Module):
         mlp_layers: number of linear layers of the MLP (3 in the paper), GELU between them.
     """
 
+    float32_parameters = ("prototypes.weight",)  # read in float32 (``forward``) whatever the compute dtype
+
     def __init__(
         self,
         in_dim: int,

@@ -63,7 +63,7 @@ class MaskedSelfAttention(nn.Module):
         self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
         self.out_proj = nn.Linear(dim, dim)
-        self.fused_attn = True  # F.scaled_dot_product_attention, else written out (models/attention.py)
+        self.fused_attn: bool | None = None  # fused / written out / chosen per call (models/attention.py)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -139,8 +139,9 @@ class TextTransformer(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
 
-    def set_fused_attention(self, enable: bool = True) -> None:
-        """Fused or written-out attention in every block (``models/attention.py``)."""
+    def set_fused_attention(self, enable: bool | None = True) -> None:
+        """Fused, written-out or per-call chosen (None, the default) attention in every block
+        (``models/attention.py``)."""
         for block in self.transformer.resblocks:
             block.attn.fused_attn = enable
 

@@ -43,6 +43,8 @@ class TIPSModel(nn.Module):
     """Image-text encoder: ``encode_image`` gives global/spatial CLS and patch tokens, ``encode_text``
     pooled text embeddings in the same space; similarities are ``cos / temperature``."""
 
+    float32_parameters = ("temperature",)  # a scalar of ~0.01 that losses divide by: kept float32 in bf16 training
+
     def __init__(self, config: TIPSConfig) -> None:
         super().__init__()
         self.config = config

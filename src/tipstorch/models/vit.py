@@ -9,7 +9,8 @@ The token sequence is ``[CLS1 + pos[0], CLS2, patch_1 + pos[1], ..., patch_N + p
 
 Parameter names follow the official PyTorch release (``google-deepmind/tips``, ``pytorch/image_encoder.py``)
 so that official checkpoints load without renaming. Attention runs through
-``F.scaled_dot_product_attention`` (or its written-out form, ``set_fused_attention(False)``).
+``F.scaled_dot_product_attention`` or its written-out form, chosen per call (``models/attention.py``;
+``set_fused_attention`` fixes the choice).
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
-        self.fused_attn = True  # F.scaled_dot_product_attention, else written out (models/attention.py)
+        self.fused_attn: bool | None = None  # fused / written out / chosen per call (models/attention.py)
 
     def split_heads(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries, keys and values, each [B, heads, N, D/heads]."""
@@ -249,9 +250,9 @@ class VisionTransformer(nn.Module):
         """Recompute block activations in the backward pass to save memory (timm naming)."""
         self.grad_checkpointing = enable
 
-    def set_fused_attention(self, enable: bool = True) -> None:
-        """Fused (``F.scaled_dot_product_attention``) or written-out attention in every block
-        (``models/attention.py``; the same values, a speed choice)."""
+    def set_fused_attention(self, enable: bool | None = True) -> None:
+        """Fused (``F.scaled_dot_product_attention``), written-out or per-call chosen (None, the default)
+        attention in every block (``models/attention.py``; the same values, a speed choice)."""
         for block in self.blocks:
             block.attn.fused_attn = enable
 

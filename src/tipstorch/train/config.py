@@ -47,9 +47,10 @@ class ModelCfg:
     temperature: float | None = None  # initial contrastive temperature; None = the model config's
     init: str | None = None
     grad_checkpointing: bool = False
-    # Attention through F.scaled_dot_product_attention (true) or written out (false: the same values, several
-    # times faster on a CPU in bf16 for the short sequences of small crops; see models/attention.py).
-    fused_attention: bool = True
+    # Attention through F.scaled_dot_product_attention (true), written out (false: the same values, several times
+    # faster on a CPU in bf16 for the short sequences of small crops) or chosen per call by device, dtype, sequence
+    # length and backward (auto: the measured rule of models/attention.py).
+    fused_attention: Literal["auto", True, False] = "auto"
     # From scratch only: fold a pixel normalisation into the initial patch embedding, so the random
     # network starts as if fed (pixels - mean) / std while keeping the [0, 1] input of the released
     # models. Not in the paper; the values are the ImageNet statistics DINOv2 / open_clip normalise with.
@@ -150,6 +151,11 @@ class LoopCfg:
     batch_size: int = 16384  # 4.1: global batch (all ranks, all accumulation steps)
     accumulation_steps: int = 1
     bf16: bool = True
+    # How bf16 computes (train/precision.py): "autocast" casts each matmul's operands (float32 parameters and
+    # residual stream); "weights" runs the step on bf16 copies of the weights, cast once per step from the float32
+    # master weights that the optimiser, the gradients, DDP's all-reduce and the EMA teacher keep (bf16
+    # activations end to end, no per-op casts; under FSDP: its bf16 policy without autocast).
+    bf16_mode: Literal["autocast", "weights"] = "autocast"
     checkpoint_every: int = 1000  # steps between writes of last.pt (also written at the end and on SIGTERM/SIGINT)
     keep_every: int = 0  # permanent step-<N>.pt at every multiple of it (also writes last.pt then); 0 = none
     log_every: int = 10

@@ -177,7 +177,7 @@ def trainable(model: TIPSModel, cfg: ModelCfg) -> TIPSModel:
     and ``model.fused_attention`` say."""
     for tower in (model.visual, model.text):
         tower.set_grad_checkpointing(cfg.grad_checkpointing)
-        tower.set_fused_attention(cfg.fused_attention)
+        tower.set_fused_attention(None if cfg.fused_attention == "auto" else cfg.fused_attention)
     return model.train()
 
 

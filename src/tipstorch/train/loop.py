@@ -6,7 +6,8 @@ the losses in ``losses.py``, the contrastive accumulation in ``contrastive_accum
 never a branch here.
 
 One step (``Trainer.train_step``): scheduled lr / weight decay -> ``step.forward_backward`` over the
-micro-batches (bf16 autocast when ``loop.bf16``) -> gradient clipping -> stop if the loss or the gradient
+micro-batches (with ``loop.bf16``: under bf16 autocast, or on bf16 copies of the weights, ``precision.py``)
+-> gradient clipping -> stop if the loss or the gradient
 is not finite (nothing updated, no checkpoint written) -> ``step.update``: centres, optimiser step,
 temperature clamp, teacher EMA.
 
@@ -78,6 +79,7 @@ from tipstorch.train.parallel import (
     sync_replicated,
     wrap_student,
 )
+from tipstorch.train.precision import WEIGHTS, ComputeWeights
 from tipstorch.train.run_state import (
     FINAL,
     FORMAT,
@@ -219,6 +221,13 @@ class Trainer:
         if on_meta:
             materialize(self.student, self.teacher, self.context.device, cfg.model, loop.seed, self.context.rank,
                         initialise=resume is None)
+        weights_mode = loop.bf16 and loop.bf16_mode == WEIGHTS
+        self.autocast_dtype = torch.bfloat16 if loop.bf16 and not weights_mode else None
+        self.compute_weights = (  # under FSDP its policy gathers bf16 parameters (parallel.py)
+            ComputeWeights([self.student] + ([self.teacher] if isinstance(self.teacher, nn.Module) else []))
+            if weights_mode and not self.sharded
+            else None
+        )
         self.optimizer = build_optimizer(self.student.named_parameters(), cfg.optim)  # after sharding: DTensors
         self.schedules = TrainingSchedules(cfg.schedule, cfg.optim, loop.steps)
         self.step = 0
@@ -337,10 +346,12 @@ class Trainer:
         if EPOCH_KEY in batch:
             self.data_epoch = max(self.data_epoch, int(batch.pop(EPOCH_KEY)))
         batch = {key: value.to(self.context.device, non_blocking=True) for key, value in batch.items()}
-        parts = forward_backward(
-            self.student, self.teacher, self.loss, batch, values, cfg.loop.accumulation_steps,
-            autocast_dtype=torch.bfloat16 if cfg.loop.bf16 else None, student_pass=self.ddp,
-        )
+        swapped = self.compute_weights.swapped() if self.compute_weights is not None else contextlib.nullcontext()
+        with swapped:
+            parts = forward_backward(
+                self.student, self.teacher, self.loss, batch, values, cfg.loop.accumulation_steps,
+                autocast_dtype=self.autocast_dtype, student_pass=self.ddp,
+            )
         sync_replicated(self.student)
         reshard_teacher(self.teacher)
         grad_norm = clip_gradients(self.student.parameters(), cfg.optim.grad_clip_norm)

@@ -7,7 +7,8 @@
   The EMA teacher's parts are sharded the same way (identical shapes, so a rank's teacher shard and
   student shard are the same rows, and the EMA update is local). With ``loop.bf16`` the policy keeps
   bf16 parameters for the computation and reduces the gradients in fp32 (``MixedPrecisionPolicy``);
-  the sharded master weights and the optimiser stay fp32.
+  the sharded master weights and the optimiser stay fp32. That is ``loop.bf16_mode=weights``
+  (``precision.py``) done by FSDP: the passes then run without autocast, as they do on one process.
 
 The contrastive temperature is a scalar, which ``fully_shard`` cannot shard: it is left out of FSDP
 (``ignored_params``), replicated, and its gradient is averaged over the ranks by ``sync_replicated``.
