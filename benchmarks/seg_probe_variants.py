@@ -31,6 +31,21 @@ NUM_CLASSES = 1 + len(SHAPES)  # floor + shapes
 ORACLE_SCALE = 20.0  # the norm of real patch tokens (tens), for which the probe's learning rates are set
 
 
+def quick_scenes() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The quick evaluation's scenes per split: images [N, 3, S, S] and class masks long [N, S, S]."""
+    settings = QUICK_SETTINGS
+    splits = SceneSplits(settings.image_size, settings.scenes_seed, settings.scenes_train, settings.scenes_test)
+    transform = image_transform(settings.image_size)
+    images = {
+        split: torch.stack([transform(s.image) for s in samples]) for split, samples in splits.samples.items()
+    }
+    masks = {
+        split: torch.stack([torch.from_numpy(s.class_mask) for s in samples])
+        for split, samples in splits.samples.items()
+    }
+    return images, masks
+
+
 @torch.no_grad()
 def model_features(
     model: torch.nn.Module, images: dict[str, torch.Tensor]
@@ -74,16 +89,7 @@ def main() -> None:
     parser.add_argument("--learning-rates", default="1e-2,1e-3")
     args = parser.parse_args()
     torch.manual_seed(0)
-    settings = QUICK_SETTINGS
-    splits = SceneSplits(settings.image_size, settings.scenes_seed, settings.scenes_train, settings.scenes_test)
-    transform = image_transform(settings.image_size)
-    images = {
-        split: torch.stack([transform(s.image) for s in samples]) for split, samples in splits.samples.items()
-    }
-    masks = {
-        split: torch.stack([torch.from_numpy(s.class_mask) for s in samples])
-        for split, samples in splits.samples.items()
-    }
+    images, masks = quick_scenes()
     sources = {path: (lambda path=path: model_features(load_model(path), images)) for path in args.model}
     if args.init:
         cfg = load_config(

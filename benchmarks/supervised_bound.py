@@ -22,9 +22,8 @@ import time
 
 import torch
 import torch.nn.functional as F
-from seg_probe_variants import NUM_CLASSES, probe
+from seg_probe_variants import NUM_CLASSES, model_features, probe, quick_scenes
 
-from tipstorch.data.scene_splits import SceneSplits
 from tipstorch.data.scenes import SHAPES, ScenesConfig, ScenesDataset
 from tipstorch.data.transforms import image_transform
 from tipstorch.eval.quick import QUICK_SETTINGS
@@ -76,17 +75,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     args = parser.parse_args()
     torch.manual_seed(0)
-    model = train_supervised(args.steps).eval()
-    settings = QUICK_SETTINGS
-    splits = SceneSplits(settings.image_size, settings.scenes_seed, settings.scenes_train, settings.scenes_test)
-    transform = image_transform(settings.image_size)
-    features, masks = {}, {}
-    with torch.no_grad():
-        for split, samples in splits.samples.items():
-            images = torch.stack([transform(sample.image) for sample in samples])
-            features[split] = torch.cat([model.encode_image(chunk).patch_tokens for chunk in images.split(64)]), None
-            masks[split] = torch.stack([torch.from_numpy(sample.class_mask) for sample in samples])
-    result = probe(features, masks, use_cls=False, batch_norm=True, learning_rate=settings.seg_probe_lr)
+    model = train_supervised(args.steps)
+    images, masks = quick_scenes()
+    features = {split: (patch_tokens, None) for split, (patch_tokens, _) in model_features(model, images).items()}
+    result = probe(features, masks, use_cls=False, batch_norm=True, learning_rate=QUICK_SETTINGS.seg_probe_lr)
     ious = result["per_class_iou"]
     print(f"supervised, {args.steps} steps: seg probe mIoU {result['miou']:.3f}, shapes {sum(ious[1:]) / len(SHAPES):.3f}")
     print("IoU " + ", ".join(f"{name} {iou:.2f}" for name, iou in zip(("floor", *SHAPES), ious, strict=True)))

@@ -108,7 +108,9 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     parser.add_argument("--probe-iterations", type=int, help="dense probe iterations (default: the paper's 40k / 50k)")
     parser.add_argument("--probe-batch-size", type=int, help="dense probe batch size (default: the paper's 16 / 8)")
     parser.add_argument("--class-names", type=Path, help="JSON {folder: class name} for imagenet zero-shot prompts")
-    parser.add_argument("--seed", type=int, default=0, help="seed of --max-samples subsets and probes (the built-in scenes are always drawn with seed 1234)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help=f"seed of --max-samples subsets and probes (the built-in scenes are always drawn with "
+                             f"seed {QUICK_SETTINGS.scenes_seed})")
     parser.add_argument("--save-probes", type=Path, metavar="DIR",
                         help="write the trained DPT probes (depth-dpt, normals-dpt) to DIR/<data>_<task>.safetensors, "
                              "for 'tipstorch depth/normals --head FILE' and the demo")

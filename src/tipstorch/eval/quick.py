@@ -59,7 +59,7 @@ SCENE_TASKS: tuple[str, ...] = tuple(name for name, task in TASKS.items() if SCE
 QUICK_SETTINGS = EvalSettings(
     image_size=112, batch_size=32, seed=0, probe_iterations=300, probe_batch_size=8,
     seg_probe_lr=1e-2, depth_probe_lr=1e-2, dpt_lr=1e-3, linear_epochs=30, linear_batch_size=64, dpt_channels=64,
-    scenes_train=512, scenes_test=256, scenes_seed=1234,
+    scenes_train=512, scenes_test=256,
 )  # fmt: skip
 
 
