@@ -136,8 +136,12 @@ def test_segmentation_in_the_browser_follows_the_labels_and_survives_bad_uploads
     assert first.shape[0] >= 224 and first.std() > 0
     _segment(page, "sky, ground, ball, star", first_source)
     second = _image_at(page, "#segment-output")
-    assert first.shape != second.shape or np.abs(first.astype(int) - second.astype(int)).mean() > 1.0
-    assert "star" in page.locator("#segment-scores").inner_text()
+    # A randomly initialised model may paint most pixels with one label either way (how much depends on
+    # the CPU's last bits), so the figure is only required to change; the areas must name the new labels.
+    assert first.shape != second.shape or not np.array_equal(first, second)
+    scores = page.locator("#segment-scores").inner_text()
+    assert all(label in scores for label in ("sky", "ground", "ball", "star")), scores
+    assert not any(label in scores for label in ("red", "green", "blue")), scores
 
     artifacts = Path(os.environ.get("TIPSTORCH_TEST_ARTIFACTS", REPO / "test-artifacts"))
     artifacts.mkdir(parents=True, exist_ok=True)
