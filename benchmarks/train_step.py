@@ -44,6 +44,7 @@ from matmul_peak import interleaved_rounds
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from tipstorch.train.config import load_config, resolve_config
+from tipstorch.train.host_memory import use_host_memory
 from tipstorch.train.loop import Trainer
 from tipstorch.weights.factory import get_tokenizer
 
@@ -57,7 +58,6 @@ ATTENTION_FLOPS = {
         )
     ),
 }
-
 
 
 def _resident_bytes(field: str) -> int:
@@ -102,14 +102,15 @@ def synthetic_batch(trainer: Trainer, batch: int) -> dict[str, torch.Tensor]:
 class Row:
     """One (config, batch, variant): its trainer, batch, FLOPs per step and the timings of every round."""
 
-    def __init__(self, config: str, batch: int, variant: str, out_dir: str) -> None:
-        self.config, self.batch, self.variant = config, batch, variant
+    def __init__(self, config: str, batch: int, variant: str, host_memory: str, out_dir: str) -> None:
+        self.config, self.batch, self.variant, self.host_memory = config, batch, variant, host_memory
         overrides = [f"loop.batch_size={batch}", "loop.steps=1000", "eval.quick=false", "loop.threads=0"]
         overrides += [item for item in variant.split(",") if item]
         cfg = load_config(resolve_config(config), overrides)
         self.bf16 = cfg.loop.bf16
         self.trainer = Trainer(cfg, get_tokenizer, out_dir=out_dir)
         self.inputs = synthetic_batch(self.trainer, batch)
+        use_host_memory(host_memory)
         with FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOPS) as counter:
             self.trainer.train_step(self.inputs)  # also the warm-up
         self.flops = counter.get_total_flops()
@@ -119,6 +120,7 @@ class Row:
         self.cpu: list[float] = []
 
     def time_step(self) -> None:
+        use_host_memory(self.host_memory)
         cpu, wall = time.process_time(), time.perf_counter()
         self.trainer.train_step(self.inputs)
         self.wall.append(time.perf_counter() - wall)
@@ -136,16 +138,24 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (the loop.threads of every row)"
     )
+    parser.add_argument(
+        "--host-memory",
+        nargs="+",
+        default=["keep"],
+        choices=["keep", "default"],
+        help="malloc policy per row (train/host_memory.py: keep = what training sets; default = glibc's)",
+    )
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as out_dir:
         rows = [
-            Row(config, batch, variant, out_dir)
+            Row(config, batch, variant, host_memory, out_dir)
             for config in args.configs
             for batch in args.batches
             for variant in args.variants
+            for host_memory in args.host_memory
         ]
         peaks = interleaved_rounds(args.rounds, [row.time_step for row in rows])
     peak = {dtype: statistics.median(rates) for dtype, rates in peaks.items()}
@@ -171,7 +181,8 @@ def main() -> None:
         result = {
             "config": row.config,
             "batch": row.batch,
-            "variant": row.variant or "as shipped",
+            "variant": (row.variant or "as shipped")
+            + (f" [host memory {row.host_memory}]" if len(args.host_memory) > 1 else ""),
             "images_per_s": row.batch / seconds,
             "spread": [min(row.wall) / seconds, max(row.wall) / seconds],
             "speedup_vs_first": reference / seconds,
