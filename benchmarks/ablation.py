@@ -102,7 +102,7 @@ def run_one(variant: Variant, seed: int, args: argparse.Namespace) -> dict:
         return json.loads(result_file.read_text())
     run_dir.mkdir(parents=True, exist_ok=True)
     settings = [f"loop.seed={seed}", f"loop.steps={args.steps}", f"loop.out_dir={run_dir}", "eval.quick=false",
-                f"loop.checkpoint_every={args.steps}"]
+                f"loop.checkpoint_every={args.steps}", *args.set]
     train = [*CLI, "train", "--config", variant.config, *[x for s in settings for x in ("--set", s)]]
     # the cores are shared out between the parallel runs: an evaluation with every core's threads next to
     # another run's waits on its own OpenMP threads (measured: the DPT probe 7.5 min instead of ~1)
@@ -193,6 +193,8 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (each uses one torch thread + one data worker)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 3 steps, one seed, a tiny evaluation")
     parser.add_argument("--force", action="store_true", help="rerun runs that already have a result.json")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for every variant's training (e.g. data.scenes_objects=[4,8])")
     args = parser.parse_args()
     seeds = [int(seed) for seed in args.seeds.split(",")]
     chosen = [v for v in VARIANTS if v.key in args.variants.split(",")]
