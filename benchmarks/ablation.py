@@ -10,6 +10,8 @@ Every variant trains the same model for the same steps, batch and image sizes (t
   e  tipsv2           iBOT++, head-only EMA, multi-granularity captions = TIPSv2 (= tiny_cpu)
   d+ tips_ibotpp      TIPS with iBOT++ only (single change: iBOT vs iBOT++)
   e- tipsv2_full_ema  TIPSv2 with a full EMA teacher (single change: head-only vs full EMA)
+  a+ alt_ssl          (a) + self-distillation + masked modelling, no synthetic captions (control:
+                      do the self-supervised terms add when the captions say little?)
 
 The configs are the shipped recipes of those names (``src/tipstorch/configs``).
 
@@ -55,7 +57,9 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("e", "tipsv2", "TIPSv2 (main job)"),
     Variant("d+", "tips_ibotpp", "TIPS + iBOT++"),
     Variant("e-", "tipsv2_full_ema", "TIPSv2, full EMA"),
+    Variant("a+", "alt_ssl", "(a) + self-distillation + masking"),
 )
+CONTROLS = ("d+", "e-", "a+")  # single changes and controls, off the ladder
 
 # (metric key in eval.json, column title, higher is better)
 METRICS: tuple[tuple[str, str, bool], ...] = (
@@ -169,7 +173,7 @@ def plot(table: dict[str, dict[str, tuple[float, float, int]]], path: Path) -> N
     for axis, (metric, title, up) in zip(axes.flat, METRICS, strict=True):
         means = [table[k].get(metric, (math.nan, 0.0, 0))[0] for k in keys]
         spreads = [table[k].get(metric, (math.nan, 0.0, 0))[1] for k in keys]
-        axis.bar(keys, means, yerr=spreads, capsize=3, color=["#9aa" if k in ("d+", "e-") else "#4a7" for k in keys])
+        axis.bar(keys, means, yerr=spreads, capsize=3, color=["#9aa" if k in CONTROLS else "#4a7" for k in keys])
         axis.set_title(f"{title} ({'higher' if up else 'lower'} is better)", fontsize=10)
         low = min(m - s for m, s in zip(means, spreads, strict=True))
         high = max(m + s for m, s in zip(means, spreads, strict=True))
