@@ -10,6 +10,8 @@ Every variant trains the same model for the same steps, batch and image sizes (t
   e  tipsv2           iBOT++, head-only EMA, multi-granularity captions = TIPSv2 (= tiny_cpu)
   d+ tips_ibotpp      TIPS with iBOT++ only (single change: iBOT vs iBOT++)
   e- tipsv2_full_ema  TIPSv2 with a full EMA teacher (single change: head-only vs full EMA)
+  a+ alt_ssl          (a) + self-distillation + masked modelling, no synthetic captions (control:
+                      do the self-supervised terms add when the captions say little?)
 
 The configs are the shipped recipes of those names (``src/tipstorch/configs``).
 
@@ -55,7 +57,9 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("e", "tipsv2", "TIPSv2 (main job)"),
     Variant("d+", "tips_ibotpp", "TIPS + iBOT++"),
     Variant("e-", "tipsv2_full_ema", "TIPSv2, full EMA"),
+    Variant("a+", "alt_ssl", "(a) + self-distillation + masking"),
 )
+CONTROLS = ("d+", "e-", "a+")  # single changes and controls, off the ladder
 
 # (metric key in eval.json, column title, higher is better)
 METRICS: tuple[tuple[str, str, bool], ...] = (
@@ -102,7 +106,7 @@ def run_one(variant: Variant, seed: int, args: argparse.Namespace) -> dict:
         return json.loads(result_file.read_text())
     run_dir.mkdir(parents=True, exist_ok=True)
     settings = [f"loop.seed={seed}", f"loop.steps={args.steps}", f"loop.out_dir={run_dir}", "eval.quick=false",
-                f"loop.checkpoint_every={args.steps}"]
+                f"loop.checkpoint_every={args.steps}", *args.set]
     train = [*CLI, "train", "--config", variant.config, *[x for s in settings for x in ("--set", s)]]
     # the cores are shared out between the parallel runs: an evaluation with every core's threads next to
     # another run's waits on its own OpenMP threads (measured: the DPT probe 7.5 min instead of ~1)
@@ -169,7 +173,7 @@ def plot(table: dict[str, dict[str, tuple[float, float, int]]], path: Path) -> N
     for axis, (metric, title, up) in zip(axes.flat, METRICS, strict=True):
         means = [table[k].get(metric, (math.nan, 0.0, 0))[0] for k in keys]
         spreads = [table[k].get(metric, (math.nan, 0.0, 0))[1] for k in keys]
-        axis.bar(keys, means, yerr=spreads, capsize=3, color=["#9aa" if k in ("d+", "e-") else "#4a7" for k in keys])
+        axis.bar(keys, means, yerr=spreads, capsize=3, color=["#9aa" if k in CONTROLS else "#4a7" for k in keys])
         axis.set_title(f"{title} ({'higher' if up else 'lower'} is better)", fontsize=10)
         low = min(m - s for m, s in zip(means, spreads, strict=True))
         high = max(m + s for m, s in zip(means, spreads, strict=True))
@@ -193,6 +197,8 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (each uses one torch thread + one data worker)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 3 steps, one seed, a tiny evaluation")
     parser.add_argument("--force", action="store_true", help="rerun runs that already have a result.json")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for every variant's training (e.g. data.scenes_objects=[4,8])")
     args = parser.parse_args()
     seeds = [int(seed) for seed in args.seeds.split(",")]
     chosen = [v for v in VARIANTS if v.key in args.variants.split(",")]

@@ -128,6 +128,32 @@ def test_dpt_normals_probe_training_beats_the_untrained_decoder():
     assert result["num_pixels"] == untrained["num_pixels"] == 4 * 32 * 32
 
 
+def _unlearning(module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` with every gradient zeroed: it keeps (about) its random initialisation when trained."""
+    for parameter in module.parameters():
+        parameter.register_hook(torch.zeros_like)
+    return module
+
+
+def test_dpt_normals_probe_scores_the_restart_with_the_lowest_training_loss():
+    dpt = DPTConfig(embed_dim=16, channels=16, readout_index=1)
+    config = replace(DPT_RECIPE.scaled(iterations=40, batch_size=4), learning_rate=1e-3)
+    test = _normals_task(4, 1)
+    torch.manual_seed(0)
+    stuck = _unlearning(DPTNormalsDecoder(dpt))  # restart 0 cannot learn
+    result = dpt_normals_probe(_normals_task(8, 0), test, dpt, config, head=stuck, restarts=2)
+    assert result["chosen_restart"] == 1
+    assert result["restart_train_losses"][1] < result["restart_train_losses"][0]
+    torch.manual_seed(0)
+    alone = dpt_normals_probe(_normals_task(8, 0), test, dpt, config, head=_unlearning(DPTNormalsDecoder(dpt)))
+    assert result["mean"] < alone["mean"] - 20.0
+    # the head handed in now holds the chosen decoder: it scores what the probe reported
+    again = evaluate_dense_probe(stuck, *test, NormalsMetric(), lambda n: n)
+    assert again["mean"] == pytest.approx(result["mean"], rel=1e-5)
+    with pytest.raises(ValueError, match="restarts >= 1, got 0"):
+        dpt_normals_probe(_normals_task(8, 0), test, dpt, config, restarts=0)
+
+
 def test_intermediate_features_feed_the_decoder_like_forward_intermediates():
     layers = [(torch.randn(2, 16, 2, 3), torch.randn(2, 2, 16)) for _ in range(4)]
     decoder = DPTSegmentationDecoder(DPTConfig(embed_dim=16, channels=8), num_classes=3).eval()

@@ -91,6 +91,21 @@ def test_an_epoch_smaller_than_a_global_batch_is_rejected():
         SceneBatches(cfg, BatchCollator(cfg, TOKENIZER, 64, 0, 0), 4, 0, 2)
 
 
+def test_the_scenes_object_settings_reach_the_training_scenes():
+    cfg = tiny_cfg("data.scenes_objects=[6,8]", "data.scenes_object_radius=[0.05,0.1]").data
+    scenes = SceneBatches(cfg, BatchCollator(cfg, TOKENIZER, 64, 0, 0), 4, 0, 1).scenes
+    assert (scenes.config.min_objects, scenes.config.max_objects) == (6, 8)
+    assert scenes.config.object_radius == (0.05, 0.1)
+    counts = [len(scenes.sample(index).objects) for index in range(8)]
+    assert max(counts) > 4  # the default draws at most 4
+
+
+def test_bad_scenes_object_settings_name_the_field():
+    cfg = tiny_cfg("data.scenes_objects=[5,2]").data
+    with pytest.raises(ValueError, match=r"min_objects <= max_objects.*5, 2"):
+        SceneBatches(cfg, BatchCollator(cfg, TOKENIZER, 64, 0, 0), 4, 0, 1)
+
+
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     folder = tmp_path_factory.mktemp("shards")

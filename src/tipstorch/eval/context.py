@@ -40,6 +40,8 @@ class EvalSettings:
     seg_probe_lr, depth_probe_lr, dpt_lr: learning rates replacing the paper's (short schedules).
     linear_epochs, linear_batch_size: the linear classifier (paper: 10 epochs, batch 1024).
     dpt_channels: DPT fusion channels (official: 256).
+    normals_restarts: DPT normals decoders trained per evaluation; the one with the lowest training loss
+        is scored (``probes.dpt_normals_probe``; the paper trains one over 50k iterations).
     scenes_train, scenes_test: number of built-in scenes that train / score (``--data scenes``).
     scenes_seed: seed of the built-in scenes rendered for evaluation (training draws seed 0 by default).
     """
@@ -58,6 +60,7 @@ class EvalSettings:
     linear_epochs: int | None = None
     linear_batch_size: int | None = None
     dpt_channels: int | None = None
+    normals_restarts: int = 1
     scenes_train: int = 512
     scenes_test: int = 256
     scenes_seed: int = 1234
@@ -68,7 +71,7 @@ class EvalSettings:
         if self.scenes_train < 2 or self.scenes_test < 2:
             raise ValueError(f"EvalSettings needs scenes_train, scenes_test >= 2, got {self.scenes_train}, {self.scenes_test}")
         for name in ("batch_size", "max_samples", "probe_iterations", "probe_batch_size", "linear_epochs",
-                     "linear_batch_size", "dpt_channels"):
+                     "linear_batch_size", "dpt_channels", "normals_restarts"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"EvalSettings.{name} must be >= 1, got {value}")

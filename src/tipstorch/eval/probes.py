@@ -398,8 +398,32 @@ def dpt_normals_probe(
     config: ProbeOptimConfig = DPT_RECIPE,
     progress: bool = False,
     head: DPTNormalsDecoder | None = None,
+    restarts: int = 1,
 ) -> dict:
     """DPT surface-normals probe; normals float [N, 3, H, W] (zero vectors = no ground truth).
-    ``head``: the decoder to train in place; default a new one from ``dpt``."""
-    head = head or DPTNormalsDecoder(dpt or DPTConfig(train[0].embed_dim, readout_index=1))
-    return run_dense_probe(head, train, test, angular_loss, NormalsMetric(), lambda normals: normals, config, progress)
+
+    ``head``: the decoder to train in place; default a new one from ``dpt``.
+    ``restarts``: train this many decoders (``head`` first, then fresh ones; batch-order seeds
+    ``config.seed + r``) and score the one with the lowest training loss (mean over the last tenth of
+    its iterations). A short schedule can leave part of a decoder's predictions mirrored in x/y (a
+    concave reading of convex objects) at twice the training loss; selecting on training loss, never
+    on the test set, keeps such a run out of the figure.
+    """
+    if restarts < 1:
+        raise ValueError(f"dpt_normals_probe needs restarts >= 1, got {restarts}")
+    dpt = dpt or DPTConfig(train[0].embed_dim, readout_index=1)
+    head = head or DPTNormalsDecoder(dpt)
+    tail = max(1, config.iterations // 10)
+    tail_losses, last_losses, states = [], [], []
+    for restart in range(restarts):
+        candidate = head if restart == 0 else DPTNormalsDecoder(dpt)
+        losses = fit_dense_probe(candidate, train[0], train[1], angular_loss,
+                                 replace(config, seed=config.seed + restart), progress)
+        tail_losses.append(sum(losses[-tail:]) / tail)
+        last_losses.append(losses[-1])
+        states.append(candidate.state_dict())
+    chosen = min(range(restarts), key=tail_losses.__getitem__)
+    head.load_state_dict(states[chosen])
+    result = evaluate_dense_probe(head, test[0], test[1], NormalsMetric(), lambda normals: normals, config.batch_size)
+    return {**result, "final_train_loss": last_losses[chosen], "restart_train_losses": tail_losses,
+            "chosen_restart": chosen}

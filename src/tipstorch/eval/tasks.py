@@ -245,9 +245,11 @@ def run_normals_dpt(ctx: EvalContext, key: str, root: Path | None) -> TaskResult
     test = _dense_features(ctx, key, "test", test_set, "dpt", "normals")
     recipe, dpt = ctx.probe_recipe(DPT_RECIPE, ctx.settings.dpt_lr), _dpt(ctx, train)
     head = DPTNormalsDecoder(dpt)
+    restarts = ctx.settings.normals_restarts
     result = dpt_normals_probe(_intermediates(train), _intermediates(test), dpt, recipe, progress=ctx.settings.progress,
-                               head=head)
-    return TaskResult(headline("normals_dpt", result), _dense_details(result, train, test), _dpt_protocol(ctx, recipe, dpt),
+                               head=head, restarts=restarts)
+    protocol = {**_dpt_protocol(ctx, recipe, dpt), "restarts": restarts}
+    return TaskResult(headline("normals_dpt", result), _dense_details(result, train, test), protocol,
                       heads={"normals_dpt": head})
 
 

@@ -81,6 +81,8 @@ class DataCfg(MultiCropConfig):
     num_workers: int = 0
     scenes_size: int = 224  # scenes: side of the generated images the crops are cut from
     scenes_seed: int = 0  # scenes: which procedural scenes (the eval uses other seeds / indices)
+    scenes_objects: tuple[int, int] = (1, 4)  # scenes: (min, max) objects drawn per scene
+    scenes_object_radius: tuple[float, float] = (0.08, 0.22)  # scenes: object radii, fractions of the short side
     shuffle_buffer: int = 5000  # shards: sample shuffle buffer (not in the paper: open_clip's 5000)
 
 

@@ -68,6 +68,18 @@ class BatchCollator:
         return {key: batch[key] for key in BATCH_KEYS}
 
 
+def scenes_config(cfg: DataCfg) -> ScenesConfig:
+    """The built-in scenes the ``data`` section asks for (ScenesConfig's ValueError names a bad field)."""
+    min_objects, max_objects = cfg.scenes_objects
+    return ScenesConfig(
+        image_size=cfg.scenes_size,
+        seed=cfg.scenes_seed,
+        min_objects=int(min_objects),
+        max_objects=int(max_objects),
+        object_radius=tuple(float(r) for r in cfg.scenes_object_radius),
+    )
+
+
 class SceneBatches(Dataset):
     """Map-style: ``batches[step]`` is this rank's batch of that step (scenes are generated on the fly)."""
 
@@ -76,7 +88,7 @@ class SceneBatches(Dataset):
             raise ValueError(
                 f"data.num_samples ({cfg.num_samples}) is smaller than one global batch ({local_batch * world_size})"
             )
-        self.scenes = ScenesDataset(ScenesConfig(image_size=cfg.scenes_size, seed=cfg.scenes_seed))
+        self.scenes = ScenesDataset(scenes_config(cfg))
         self.collator, self.num_samples = collator, cfg.num_samples
         self.local_batch, self.rank, self.world_size = local_batch, rank, world_size
 
