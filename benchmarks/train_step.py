@@ -103,14 +103,14 @@ class Row:
     """One (config, batch, variant): its trainer, batch, FLOPs per step and the timings of every round."""
 
     def __init__(self, config: str, batch: int, variant: str, host_memory: str, out_dir: str) -> None:
-        self.config, self.batch, self.variant, self.host_memory = config, batch, variant, host_memory
+        self.config, self.batch, self.variant = config, batch, variant
         overrides = [f"loop.batch_size={batch}", "loop.steps=1000", "eval.quick=false", "loop.threads=0"]
         overrides += [item for item in variant.split(",") if item]
         cfg = load_config(resolve_config(config), overrides)
         self.bf16 = cfg.loop.bf16
         self.trainer = Trainer(cfg, get_tokenizer, out_dir=out_dir)
+        use_host_memory(host_memory)  # after the Trainer, which sets keep on a CPU
         self.inputs = synthetic_batch(self.trainer, batch)
-        use_host_memory(host_memory)
         with FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOPS) as counter:
             self.trainer.train_step(self.inputs)  # also the warm-up
         self.flops = counter.get_total_flops()
@@ -120,7 +120,6 @@ class Row:
         self.cpu: list[float] = []
 
     def time_step(self) -> None:
-        use_host_memory(self.host_memory)
         cpu, wall = time.process_time(), time.perf_counter()
         self.trainer.train_step(self.inputs)
         self.wall.append(time.perf_counter() - wall)
@@ -140,10 +139,10 @@ def main() -> None:
     )
     parser.add_argument(
         "--host-memory",
-        nargs="+",
-        default=["keep"],
+        default="keep",
         choices=["keep", "default"],
-        help="malloc policy per row (train/host_memory.py: keep = what training sets; default = glibc's)",
+        help="malloc policy of this process (train/host_memory.py: keep = what CPU training sets, default = "
+        "glibc's); an A/B runs one process of each in turn (switching within a process trims kept pages)",
     )
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args()
@@ -151,11 +150,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as out_dir:
         rows = [
-            Row(config, batch, variant, host_memory, out_dir)
+            Row(config, batch, variant, args.host_memory, out_dir)
             for config in args.configs
             for batch in args.batches
             for variant in args.variants
-            for host_memory in args.host_memory
         ]
         peaks = interleaved_rounds(args.rounds, [row.time_step for row in rows])
     peak = {dtype: statistics.median(rates) for dtype, rates in peaks.items()}
@@ -181,8 +179,7 @@ def main() -> None:
         result = {
             "config": row.config,
             "batch": row.batch,
-            "variant": (row.variant or "as shipped")
-            + (f" [host memory {row.host_memory}]" if len(args.host_memory) > 1 else ""),
+            "variant": row.variant or "as shipped",
             "images_per_s": row.batch / seconds,
             "spread": [min(row.wall) / seconds, max(row.wall) / seconds],
             "speedup_vs_first": reference / seconds,

@@ -5,11 +5,11 @@ A training step on a CPU allocates and frees the same large tensors every step (
 the [tokens, K] prototype scores: hundreds of MB at S/14 batch 8). glibc serves every block above its
 mmap threshold (128 kB to 32 MB) with a fresh ``mmap`` and gives it back with ``munmap`` on free, and trims
 the top of its heap above 128 kB: each step then faults every page of those tensors in again, the
-kernel zeroing each one (S/14 batch 8: ~500k page faults, ~30% of the step's CPU time, measured by
-``benchmarks/train_step.py --host-memory default keep``). ``keep_freed_memory`` tells malloc to take every
-block from its heap and never to return freed memory to the system, so from the second step on a step
-reuses the pages of the one before: the process holds its step peak (the resident set stays at the peak
-of a step instead of falling back between steps). Values are untouched: this changes where bytes live,
+kernel zeroing each one (S/14 batch 8: ~500k minor page faults and 0.8-2 s of system time per step;
+the A/B: ``benchmarks/train_step.py --host-memory default`` against ``keep``, README "Benchmarks").
+``keep_freed_memory`` tells malloc to take every block from its heap and never to return freed memory to
+the system, so from the second step on a step reuses the pages of the one before: the resident set
+stays at a step's peak instead of falling back between steps. Values are untouched: this changes where bytes live,
 not what is computed. Elsewhere (no glibc, macOS, Windows) it does nothing.
 """
 
@@ -24,10 +24,16 @@ M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -2, -3, -4
 KEEP, DEFAULT = "keep", "default"
 _SETTINGS = {
     KEEP: {M_MMAP_MAX: 0, M_TRIM_THRESHOLD: 2**31 - 1, M_TOP_PAD: 64 * 2**20},
-    # glibc's steady state once a block of 32 MB or more was freed (its dynamic mmap threshold then stays
-    # at its 32 MB ceiling): every larger block mmapped and unmapped. The heap is not trimmed, so that
-    # switching back and forth (the benchmark's interleaved rounds) leaves the pages ``keep`` holds in place.
-    DEFAULT: {M_MMAP_MAX: 65536, M_MMAP_THRESHOLD: 32 * 2**20},
+    # glibc's steady state once a block of 32 MB or more was freed (its dynamic thresholds then stay at
+    # their ceilings): every larger block mmapped and unmapped, the heap top trimmed above 64 MB. For a
+    # process-level A/B (``benchmarks/train_step.py --host-memory default``): switching within a process
+    # would trim the pages ``keep`` holds.
+    DEFAULT: {
+        M_MMAP_MAX: 65536,
+        M_MMAP_THRESHOLD: 32 * 2**20,
+        M_TRIM_THRESHOLD: 64 * 2**20,
+        M_TOP_PAD: 128 * 1024,
+    },
 }
 
 
@@ -39,7 +45,7 @@ def _glibc_mallopt():
         return None
     try:
         libc = ctypes.CDLL(name)
-        libc.gnu_get_libc_version  # noqa: B018  (only glibc has it)
+        libc.gnu_get_libc_version  # noqa: B018 (only glibc has it)
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return None
