@@ -3,6 +3,7 @@ still compare variants: interleaved rounds, medians, the spread and the matmul p
 
     python benchmarks/train_step.py [--configs tiny_cpu tips_s14 tips_b14] [--batches 8 32] [--rounds 5]
         [--variants "model.fused_attention=true" "" "loop.bf16=false"] [--threads 1] [--json out.json]
+        [--host-memory keep|default]
 
 Every (config, batch, variant) gets its own ``Trainer`` on one synthetic batch shaped as its recipe
 (data loading excluded: see benchmarks/scenes.py); a variant is a comma-separated list of config
@@ -19,6 +20,8 @@ peak; the gradients of the step before are freed first), i.e. activations, gradi
 FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` on the warm-up step (matmuls, convolutions and attention,
 forward and backward; element-wise work and the optimiser are not counted), CPU flash attention being
 added to its table with torch's own sdpa formulas.
+``--host-memory default`` times with glibc's own malloc behaviour instead of the ``keep`` a CPU Trainer
+sets (train/host_memory.py); compare the two by running one process of each in turn.
 Run from the repository root with the package installed (``pip install -e .``) or ``PYTHONPATH=src``.
 
 Measured (shared 2-core AMX Xeon under another job's load, so CPU s/step, not images/s; 3 rounds):
