@@ -107,3 +107,17 @@ def test_sigterm_to_the_process_group_writes_a_checkpoint_and_exits_with_128_plu
     assert path == tmp_path / LAST and 3 <= state["step"] < 100000
     assert f"stopped by SIGTERM at step {state['step']}" in out and "--resume" in out
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left
+
+
+def test_eval_normals_restarts_reach_the_quick_evaluation_and_a_bad_value_is_refused(monkeypatch):
+    import tipstorch.cli.train as train_cli
+    from tipstorch.train.config import EvalCfg, load_config, resolve_config
+
+    seen = []
+    monkeypatch.setattr(train_cli, "quick_evaluation", lambda model, tokenizer, settings, **_: seen.append(settings))
+    train_cli._quick_evaluation(EvalCfg(quick=True, normals_restarts=1))(None, None)
+    train_cli._quick_evaluation(EvalCfg(quick=True))(None, None)
+    assert [settings.normals_restarts for settings in seen] == [1, train_cli.QUICK_SETTINGS.normals_restarts] == [1, 2]
+    assert load_config(resolve_config("tiny_cpu")).eval.normals_restarts == 1
+    with pytest.raises(SystemExit, match="normals_restarts must be >= 1, got 0"):
+        train_cli._quick_evaluation(EvalCfg(quick=True, normals_restarts=0))

@@ -17,13 +17,21 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch.distributed as dist
 
-from tipstorch.eval.quick import QUICK_TASKS, check_scene_tasks, quick_evaluation
+from tipstorch.eval.quick import QUICK_SETTINGS, QUICK_TASKS, check_scene_tasks, quick_evaluation
 from tipstorch.eval.report import format_comparison
-from tipstorch.train.config import TrainCfg, config_from_dict, load_config, resolve_config, shipped_configs
+from tipstorch.train.config import (
+    EvalCfg,
+    TrainCfg,
+    config_from_dict,
+    load_config,
+    resolve_config,
+    shipped_configs,
+)
 from tipstorch.train.loop import Evaluate, NonFiniteLossError, Trainer, TrainResult
 from tipstorch.train.run_state import load_checkpoint
 from tipstorch.weights.factory import get_tokenizer
@@ -55,13 +63,15 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     return train
 
 
-def _quick_evaluation(tasks: list[str]) -> Evaluate:
+def _quick_evaluation(cfg: EvalCfg) -> Evaluate:
     """The quick evaluation of ``eval.tasks`` (empty: its default tasks), as the trainer calls it."""
     try:
-        chosen = check_scene_tasks(tasks) if tasks else QUICK_TASKS
+        chosen = check_scene_tasks(cfg.tasks) if cfg.tasks else QUICK_TASKS
+        restarts = QUICK_SETTINGS.normals_restarts if cfg.normals_restarts is None else cfg.normals_restarts
+        settings = replace(QUICK_SETTINGS, normals_restarts=restarts)
     except ValueError as error:
-        raise SystemExit(f"error: eval.tasks: {error}") from None
-    return lambda model, tokenizer: quick_evaluation(model, tokenizer, tasks=chosen, progress=True)
+        raise SystemExit(f"error: eval: {error}") from None
+    return lambda model, tokenizer: quick_evaluation(model, tokenizer, settings, tasks=chosen, progress=True)
 
 
 def _configure(args: argparse.Namespace) -> tuple[TrainCfg, Path, dict | None]:
@@ -101,7 +111,7 @@ def _report(result: TrainResult, out_dir: Path) -> None:
 
 def run_train(args: argparse.Namespace) -> None:
     cfg, out_dir, state = _configure(args)
-    evaluate = _quick_evaluation(cfg.eval.tasks) if cfg.eval.quick else None
+    evaluate = _quick_evaluation(cfg.eval) if cfg.eval.quick else None
     trainer = Trainer(cfg, get_tokenizer, out_dir=out_dir, resume=state, evaluate=evaluate)
     main = trainer.context.is_main
     if main:

@@ -177,6 +177,7 @@ class EvalCfg:
     every: int = 0  # steps between evaluations; 0 = only before and after training
     tasks: list[str] = field(default_factory=list)  # quick-eval tasks (e.g. knn, seg-probe; tipstorch.eval.quick); empty = its default set
     quick: bool = False  # run tipstorch.eval.quick (scenes zero-shot / retrieval / probes) before and after training
+    normals_restarts: int | None = None  # normals DPT decoders per quick evaluation; None = the quick evaluation's (2)
 
 
 @dataclass
