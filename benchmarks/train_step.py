@@ -3,7 +3,6 @@ still compare variants: interleaved rounds, medians, the spread and the matmul p
 
     python benchmarks/train_step.py [--configs tiny_cpu tips_s14 tips_b14] [--batches 8 32] [--rounds 5]
         [--variants "model.fused_attention=true" "" "loop.bf16=false"] [--threads 1] [--json out.json]
-        [--host-memory keep|default]
 
 Every (config, batch, variant) gets its own ``Trainer`` on one synthetic batch shaped as its recipe
 (data loading excluded: see benchmarks/scenes.py); a variant is a comma-separated list of config
@@ -20,8 +19,6 @@ peak; the gradients of the step before are freed first), i.e. activations, gradi
 FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` on the warm-up step (matmuls, convolutions and attention,
 forward and backward; element-wise work and the optimiser are not counted), CPU flash attention being
 added to its table with torch's own sdpa formulas.
-``--host-memory default`` times with glibc's own malloc behaviour instead of the ``keep`` a CPU Trainer
-sets (train/host_memory.py); compare the two by running one process of each in turn.
 Run from the repository root with the package installed (``pip install -e .``) or ``PYTHONPATH=src``.
 
 Measured (shared 2-core AMX Xeon under another job's load, so CPU s/step, not images/s; 3 rounds):
@@ -47,7 +44,6 @@ from matmul_peak import interleaved_rounds
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from tipstorch.train.config import load_config, resolve_config
-from tipstorch.train.host_memory import use_host_memory
 from tipstorch.train.loop import Trainer
 from tipstorch.weights.factory import get_tokenizer
 
@@ -61,6 +57,7 @@ ATTENTION_FLOPS = {
         )
     ),
 }
+
 
 
 def _resident_bytes(field: str) -> int:
@@ -105,14 +102,13 @@ def synthetic_batch(trainer: Trainer, batch: int) -> dict[str, torch.Tensor]:
 class Row:
     """One (config, batch, variant): its trainer, batch, FLOPs per step and the timings of every round."""
 
-    def __init__(self, config: str, batch: int, variant: str, host_memory: str, out_dir: str) -> None:
+    def __init__(self, config: str, batch: int, variant: str, out_dir: str) -> None:
         self.config, self.batch, self.variant = config, batch, variant
         overrides = [f"loop.batch_size={batch}", "loop.steps=1000", "eval.quick=false", "loop.threads=0"]
         overrides += [item for item in variant.split(",") if item]
         cfg = load_config(resolve_config(config), overrides)
         self.bf16 = cfg.loop.bf16
         self.trainer = Trainer(cfg, get_tokenizer, out_dir=out_dir)
-        use_host_memory(host_memory)  # after the Trainer, which sets keep on a CPU
         self.inputs = synthetic_batch(self.trainer, batch)
         with FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOPS) as counter:
             self.trainer.train_step(self.inputs)  # also the warm-up
@@ -140,20 +136,13 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (the loop.threads of every row)"
     )
-    parser.add_argument(
-        "--host-memory",
-        default="keep",
-        choices=["keep", "default"],
-        help="malloc policy of this process (train/host_memory.py: keep = what CPU training sets, default = "
-        "glibc's); an A/B runs one process of each in turn (switching within a process trims kept pages)",
-    )
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as out_dir:
         rows = [
-            Row(config, batch, variant, args.host_memory, out_dir)
+            Row(config, batch, variant, out_dir)
             for config in args.configs
             for batch in args.batches
             for variant in args.variants

@@ -61,7 +61,6 @@ from tipstorch.train.distributed import (
     mean_over_ranks,
     setup_distributed,
 )
-from tipstorch.train.host_memory import keep_freed_memory
 from tipstorch.train.init import (
     build_model,
     build_teacher,
@@ -198,8 +197,6 @@ class Trainer:
             )
         if loop.threads > 0:
             torch.set_num_threads(loop.threads)
-        if self.context.device.type == "cpu":
-            keep_freed_memory()  # each step reuses the pages of the step before (host_memory.py)
         _seed_everything(loop.seed)  # the same initial weights on every rank
         self.sharded = world > 1 and loop.parallel == FSDP
         on_meta = self.sharded and loop.meta_init and cfg.model.init is None and cfg.teacher.mode != "frozen"
