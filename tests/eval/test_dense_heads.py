@@ -20,6 +20,7 @@ from tipstorch.models.dense import (
     bins_to_depth,
     dpt_layer_indices,
     load_scenic_dpt,
+    unit_vectors,
 )
 
 EMBED_DIM, CHANNELS = 32, 16
@@ -92,6 +93,21 @@ def test_normals_decoder_outputs_unit_vectors():
     normals = DPTNormalsDecoder(_config())(_intermediates(), image_size=(42, 56))
     assert normals.shape == (2, 3, 42, 56)
     assert torch.allclose(normals.norm(dim=1), torch.ones(2, 42, 56), atol=1e-5)
+
+
+def test_unit_vectors_equal_f_normalize_in_value_and_gradient_and_stay_finite_at_zero():
+    x = torch.randn(2, 3, 5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    x[0, :, 1, 2] = 0.0  # a zero vector: F.normalize gives 0 with a finite gradient, so must unit_vectors
+    x.requires_grad_(True)
+    weights = torch.randn(2, 3, 5, 6, dtype=torch.float64)
+    expected = torch.nn.functional.normalize(x, dim=1)
+    got = unit_vectors(x)
+    (expected_grad,) = torch.autograd.grad((expected * weights).sum(), x)
+    (got_grad,) = torch.autograd.grad((got * weights).sum(), x)
+    assert_close_to_scale(got, expected, scale_tol=1e-12, rtol=1e-12)
+    assert_close_to_scale(got_grad, expected_grad, scale_tol=1e-12, rtol=1e-12)
+    assert torch.isfinite(got_grad).all() and got[0, :, 1, 2].abs().sum() == 0
+    assert_close_to_scale(unit_vectors(x.detach(), dim=-1), torch.nn.functional.normalize(x.detach(), dim=-1), scale_tol=1e-12, rtol=1e-12)
 
 
 @pytest.mark.parametrize("readout_index", [0, 1])

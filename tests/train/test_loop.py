@@ -206,6 +206,27 @@ def test_evaluate_runs_before_and_after_and_is_kept_across_a_resume(tmp_path):
     assert calls == [False, False]  # evaluated in eval mode, not re-evaluated before the resumed part
 
 
+def test_evaluations_run_on_eval_threads_and_training_on_loop_threads(tmp_path):
+    # tiny_cpu trains on 1 thread beside its data worker; its evaluations draw no batch and use every core
+    threads_seen = {}
+
+    def evaluate(model, tokenizer):
+        threads_seen.setdefault("eval", []).append(torch.get_num_threads())
+        return {}
+
+    def batches_counting_threads(batches):
+        for batch in batches:
+            threads_seen.setdefault("train", []).append(torch.get_num_threads())
+            yield batch
+
+    trainer = tiny_trainer(tmp_path, "loop.steps=2", "loop.threads=1", "eval.threads=3", evaluate=evaluate)
+    trainer.fit(batches_counting_threads(trainer.batches()))
+    assert threads_seen == {"eval": [3, 3], "train": [1, 1]}
+    assert torch.get_num_threads() == 1
+    with pytest.raises(ConfigError, match="eval.threads must be >= 0"):
+        tiny_trainer(tmp_path, "eval.threads=-1")
+
+
 def test_step_checkpoints_are_kept_at_every_multiple_of_keep_every_whatever_checkpoint_every(tmp_path):
     # tips_g14_paper.yaml: checkpoint_every 1000, keep_every 7080 -> step-92040.pt (13 epochs) must be written
     trainer = tiny_trainer(tmp_path, "loop.steps=7", "loop.checkpoint_every=4", "loop.keep_every=3")

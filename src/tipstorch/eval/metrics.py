@@ -28,7 +28,8 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+
+from tipstorch.models.dense import unit_vectors
 
 ArrayLike = torch.Tensor | np.ndarray
 
@@ -214,7 +215,7 @@ NORMALS_THRESHOLDS_DEG = (11.25, 22.5, 30.0)
 
 def angular_error_deg(pred: torch.Tensor, target: torch.Tensor, dim: int = 1) -> torch.Tensor:
     """Angle in degrees between normal fields (normalised here), reduced over ``dim``."""
-    cos = (F.normalize(pred, dim=dim) * F.normalize(target, dim=dim)).sum(dim=dim)
+    cos = (unit_vectors(pred, dim) * unit_vectors(target, dim)).sum(dim=dim)
     return torch.rad2deg(torch.acos(cos.clamp(-1.0, 1.0)))
 
 
@@ -235,7 +236,7 @@ class NormalsMetric:
         _check_same_shape("normals prediction", pred_t, "normals target", target_t)
         if pred_t.dim() != 4 or pred_t.shape[1] != 3:
             raise ValueError(f"normals must be [B, 3, H, W], got {tuple(pred_t.shape)}")
-        valid = (target_t.norm(dim=1) > 1e-6) & torch.isfinite(target_t).all(dim=1)
+        valid = ((target_t * target_t).sum(dim=1) > 1e-12) & torch.isfinite(target_t).all(dim=1)
         if valid_mask is not None:
             mask_t = _as_tensor(valid_mask).bool()
             _check_same_shape("valid mask", mask_t, "normals target (without channel)", valid)

@@ -44,6 +44,7 @@ from tipstorch.models.dense import (
     DPTNormalsDecoder,
     LinearDepthHead,
     LinearSegmentationHead,
+    unit_vectors,
 )
 
 # --------------------------------------------------------------------------------------------
@@ -210,10 +211,10 @@ def silog_loss(
 
 def angular_loss(normals: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean angle (radians) between unit normals [B, 3, H, W] and targets (zero vectors ignored)."""
-    valid = target.norm(dim=1) > 1e-6
+    valid = (target * target).sum(dim=1) > 1e-12
     if not valid.any():
         return normals.sum() * 0.0
-    cos = (F.normalize(normals, dim=1) * F.normalize(target, dim=1)).sum(dim=1)[valid]
+    cos = (unit_vectors(normals) * unit_vectors(target)).sum(dim=1)[valid]
     return torch.acos(cos.clamp(-1 + 1e-6, 1 - 1e-6)).mean()
 
 

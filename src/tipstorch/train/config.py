@@ -178,6 +178,9 @@ class EvalCfg:
     tasks: list[str] = field(default_factory=list)  # quick-eval tasks (e.g. knn, seg-probe; tipstorch.eval.quick); empty = its default set
     quick: bool = False  # run tipstorch.eval.quick (scenes zero-shot / retrieval / probes) before and after training
     normals_restarts: int | None = None  # normals DPT decoders per quick evaluation; None = the quick evaluation's (2)
+    # CPU threads of the evaluations of a run (no batch is drawn while they run, so they may use the cores the
+    # data workers train beside); 0 = torch's default of the process (its cores), whatever loop.threads says
+    threads: int = 0
 
 
 @dataclass
@@ -209,6 +212,8 @@ class TrainCfg:
                 f"loop.batch_size ({self.loop.batch_size}) must be a multiple of "
                 f"loop.accumulation_steps ({self.loop.accumulation_steps})"
             )
+        if self.loop.threads < 0 or self.eval.threads < 0:
+            problems.append(f"loop.threads and eval.threads must be >= 0, got {self.loop.threads} and {self.eval.threads}")
         if self.teacher.mode == "frozen" and not self.teacher.frozen_model:
             problems.append("teacher.mode 'frozen' needs teacher.frozen_model (registered name or checkpoint)")
         if problems:

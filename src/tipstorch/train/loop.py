@@ -32,7 +32,7 @@ import logging
 import random
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -150,6 +150,17 @@ class TensorboardLog:
             self.writer.close()
 
 
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run the block with ``count`` torch CPU threads, then restore the former count."""
+    former = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(former)
+
+
 def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed)
@@ -195,6 +206,7 @@ class Trainer:
                 "optim.name 'adafactor' does not run on FSDP shards (torch.optim.Adafactor's in-place norms fail "
                 "on DTensor in torch 2.13): use --set optim.name=adamw with loop.parallel=fsdp, or loop.parallel=ddp"
             )
+        self.eval_threads = cfg.eval.threads or torch.get_num_threads()  # before loop.threads applies
         if loop.threads > 0:
             torch.set_num_threads(loop.threads)
         _seed_everything(loop.seed)  # the same initial weights on every rank
@@ -382,7 +394,8 @@ class Trainer:
             return {}
         model.eval()
         try:
-            return self.evaluate(model, self.tokenizer)
+            with torch_threads(self.eval_threads):
+                return self.evaluate(model, self.tokenizer)
         finally:
             model.train()
 
@@ -406,7 +419,7 @@ class Trainer:
         log = TensorboardLog(self.out_dir) if main else None
         if evaluating and self.step == 0 and self.eval_before is None:
             self.eval_before = self.run_evaluation() or None
-            if main:
+            if main and self.eval_before:
                 log.scalars(self.step, self.eval_before, prefix="eval")
         progress = tqdm(total=loop.steps, initial=self.step, desc="train", unit="step", disable=not main,
                         dynamic_ncols=True)
@@ -446,7 +459,7 @@ class Trainer:
                 result.export = save_model_state(self.model.config, exported, self.out_dir / FINAL)
             if evaluating:
                 result.eval_after = self.run_evaluation(exported) or None  # the weights gathered once
-                if main:
+                if main and result.eval_after:
                     log.scalars(self.step, result.eval_after, prefix="eval")
         finally:
             progress.close()
