@@ -18,6 +18,7 @@ Prints one line per diagnostic step, writes the series as JSON and the trained m
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import time
@@ -83,7 +84,7 @@ def feature_statistics(trainer: Trainer, images: torch.Tensor) -> dict[str, floa
     gammas = [block.ls1.gamma.abs().mean() for block in visual.blocks] + [block.ls2.gamma.abs().mean() for block in visual.blocks]
     stats["layerscale_mean"] = float(torch.stack(gammas).mean())
     if trainer.teacher is not None:
-        scores = trainer.teacher.scores(images, None)
+        scores = trainer.teacher.scores(images, None, lambda tokens: tokens.flatten(0, 1))  # every patch token
         values = trainer.schedules.at(trainer.step)
         for name, loss, teacher_scores, temp in (
             ("dino", trainer.loss.dino, scores.global_scores, values.dino_teacher_temp),
@@ -109,7 +110,8 @@ def term_gradient_norms(trainer: Trainer, batch: dict[str, torch.Tensor]) -> dic
         outputs = student(batch)
         parts = loss.contrastive_parts(outputs.embeddings, student.model.temperature)
         if trainer.teacher is not None:  # the targets without recording them for the centres
-            targets = trainer.teacher.scores(batch["global_crop"], outputs.unmasked)
+            supervised = functools.partial(loss.ibot.supervised, patch_mask=batch["patch_mask"]) if loss.ibot else None
+            targets = trainer.teacher.scores(batch["global_crop"], outputs.unmasked, supervised)
             if loss.dino is not None:
                 probs = loss.dino.centering.probabilities(targets.global_scores, values.dino_teacher_temp)
                 parts["dino"] = loss.dino(outputs.local_scores, probs)

@@ -241,15 +241,17 @@ def test_visible_tokens_get_gradient_only_with_ibot_plus_plus(all_tokens):
 
 
 @pytest.mark.parametrize("all_tokens", [False, True])
-def test_ibot_targets_cover_the_supervised_rows_and_the_centre_every_token(all_tokens):
+def test_ibot_supervises_and_centres_the_masked_rows_or_with_ibot_plus_plus_every_row(all_tokens):
     scores = torch.tensor([[[2.0, 0.0], [0.0, 4.0]], [[1.0, 1.0], [3.0, 0.0]]])  # B=2, N=2, K=2
     mask = torch.tensor([[False, True], [True, False]])
     loss = IBOTPatchLoss(2, student_temp=0.1, center_momentum=0.0, all_tokens=all_tokens)
-    targets = loss.patch_targets(scores, teacher_temp=1.0, patch_mask=mask)
-    rows = scores.flatten(0, 1) if all_tokens else torch.tensor([[0.0, 4.0], [1.0, 1.0]])
-    torch.testing.assert_close(targets, torch.softmax(rows, dim=-1))
+    rows = loss.supervised(scores, mask)
+    expected_rows = scores.flatten(0, 1) if all_tokens else torch.tensor([[0.0, 4.0], [1.0, 1.0]])
+    torch.testing.assert_close(rows, expected_rows)
+    torch.testing.assert_close(loss.patch_targets(rows, teacher_temp=1.0), torch.softmax(expected_rows, dim=-1))
     loss.centering.step()
-    assert loss.centering.center.tolist() == pytest.approx([1.5, 1.25])  # all 4 tokens, masked or not
+    # dinov2 centres on the masked teacher tokens; iBOT++ supervises, and so centres, all 4
+    assert loss.centering.center.tolist() == pytest.approx([1.5, 1.25] if all_tokens else [0.5, 2.5])
 
 
 def test_ibot_loss_rejects_scores_that_are_not_the_supervised_rows():
@@ -311,7 +313,7 @@ def test_step_centers_updates_both_centres_once():
         StudentOutputs(
             ContrastiveEmbeddings(), local_scores=torch.zeros(2, 2), patch_scores=torch.zeros(1, 2)
         ),
-        TeacherScores(global_scores=torch.tensor([[1.0, 0.0]]), patch_scores=torch.tensor([[[0.0, 2.0]]])),
+        TeacherScores(global_scores=torch.tensor([[1.0, 0.0]]), patch_scores=torch.tensor([[0.0, 2.0]])),
         patch_mask=torch.tensor([[True]]), dino_teacher_temp=0.07, ibot_teacher_temp=0.04,
     )
     loss.step_centers()

@@ -1,5 +1,7 @@
 """The real TIPSStudent and one real step (step.py) on a 2-block model: passes, gradients, accumulation."""
 
+import functools
+
 import pytest
 import torch
 
@@ -7,6 +9,7 @@ from tests.helpers import assert_close_to_scale, tiny_config
 from tipstorch.models.tips import TIPSModel
 from tipstorch.train.config import HeadCfg, LossCfg, LossWeights
 from tipstorch.train.losses import TIPSLoss
+from tipstorch.train.outputs import supervised_patches
 from tipstorch.train.schedules import ScheduleValues
 from tipstorch.train.step import forward_backward
 from tipstorch.train.student import TIPSStudent
@@ -85,11 +88,15 @@ def test_ibot_loss_equals_the_loss_of_the_head_on_all_tokens_weighted_by_the_mas
     tips_loss.ibot.centering.center.copy_(torch.linspace(-0.3, 0.3, HEADS.num_prototypes))
     batch = real_batch()
     outputs = student(batch)
-    scores = teacher.scores(batch["global_crop"], outputs.unmasked)
+    supervised = functools.partial(tips_loss.ibot.supervised, patch_mask=batch["patch_mask"])
+    scores = teacher.scores(batch["global_crop"], outputs.unmasked, supervised)
     part = tips_loss.self_supervised_parts(outputs, scores, batch["patch_mask"], 0.07, 0.05)["ibot"]
     masked = student.model.visual.forward_features(batch["global_crop"], batch["patch_mask"])
     student_log_probs = torch.log_softmax(student.ibot_head(masked.flat) / cfg.student_temp, dim=-1)
-    targets = torch.softmax((scores.patch_scores - tips_loss.ibot.centering.center) / 0.05, dim=-1)
+    with torch.no_grad():  # the teacher's head on all N tokens too
+        teacher_scores = teacher["ibot_head"](teacher["backbone"].forward_features(batch["global_crop"]).flat)
+    torch.testing.assert_close(scores.patch_scores, supervised(teacher_scores))  # its rows, and only those
+    targets = torch.softmax((teacher_scores - tips_loss.ibot.centering.center) / 0.05, dim=-1)
     per_token = -(targets * student_log_probs).sum(-1)  # [B, N]
     supervised = torch.ones_like(batch["patch_mask"]) if all_tokens else batch["patch_mask"]
     weights = supervised.float() / supervised.sum(-1, keepdim=True)
@@ -141,14 +148,15 @@ def test_the_head_only_teacher_reads_its_targets_from_the_students_unmasked_pass
     batch = real_batch()
     outputs = student(batch)
     visual = student.model.visual
-    expected = teacher["ibot_head"](visual.forward_features(batch["global_crop"]).flat)
+    supervised = functools.partial(supervised_patches, patch_mask=batch["patch_mask"], all_tokens=student.ibot_all_tokens)
+    expected = teacher["ibot_head"](supervised(visual.forward_features(batch["global_crop"]).flat))
     calls = []
     backbone_pass = visual.forward_features
     monkeypatch.setattr(visual, "forward_features", lambda *args: calls.append(1) or backbone_pass(*args))
-    scores = teacher.scores(batch["global_crop"], outputs.unmasked)
+    scores = teacher.scores(batch["global_crop"], outputs.unmasked, supervised)
     assert calls == []  # no extra backbone pass
     torch.testing.assert_close(scores.patch_scores, expected)
-    teacher.scores(batch["global_crop"], None)
+    teacher.scores(batch["global_crop"], None, supervised)
     assert calls == [1]  # without the student's unmasked pass the shared backbone runs
 
 

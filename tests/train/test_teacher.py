@@ -1,5 +1,7 @@
 """EMA teachers (full / head-only) and the frozen distillation teacher."""
 
+import functools
+
 import pytest
 import torch
 
@@ -110,7 +112,8 @@ def test_head_only_teacher_pass_adds_no_gradient_to_the_shared_backbone():
     student = make_student()
     teacher = EMATeacher(student.parts(), mode="heads")
     loss, batch = tips_loss(clip_global=0.0, clip_spatial=0.0), make_batch()
-    scores = teacher.scores(batch["global_crop"], None)  # runs the shared backbone
+    supervised = functools.partial(loss.ibot.supervised, patch_mask=batch["patch_mask"])
+    scores = teacher.scores(batch["global_crop"], None, supervised)  # runs the shared backbone
     assert not scores.global_scores.requires_grad and not scores.patch_scores.requires_grad
     through_teacher = self_distillation_gradients(student, loss, batch, scores)
     constants = TeacherScores(scores.global_scores.detach().clone(), scores.patch_scores.detach().clone())
@@ -118,6 +121,16 @@ def test_head_only_teacher_pass_adds_no_gradient_to_the_shared_backbone():
     assert all(grad.abs().sum() > 0 for grad in through_teacher.values())
     for name, grad in as_constants.items():
         torch.testing.assert_close(through_teacher[name], grad, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("mode", ["full", "heads"])
+def test_the_ibot_head_scores_only_the_supervised_tokens_and_needs_them_named(mode):
+    teacher, batch = EMATeacher(make_student().parts(), mode=mode), make_batch()
+    mask = batch["patch_mask"]
+    scores = teacher.scores(batch["global_crop"], None, lambda tokens: tokens[mask])
+    assert scores.patch_scores.shape[0] == int(mask.sum()) < mask.numel()
+    with pytest.raises(ValueError, match="iBOT head needs the supervised rows"):
+        teacher.scores(batch["global_crop"], None, None)
 
 
 def test_update_rejects_a_student_part_of_another_shape():

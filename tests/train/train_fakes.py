@@ -119,7 +119,8 @@ def tips_forward(student: FakeStudent, teacher, loss: TIPSLoss, micro_batch: dic
         teacher_features = teacher["backbone"].forward_features(micro_batch["global_crop"])
         teacher_scores = TeacherScores(
             global_scores=teacher["dino_head"](teacher_features.global_cls),
-            patch_scores=teacher["ibot_head"](teacher_features.flat),
+            patch_scores=teacher["ibot_head"](loss.ibot.supervised(teacher_features.flat, micro_batch["patch_mask"]))
+            if loss.ibot is not None else None,
         )
     outputs = StudentOutputs(
         contrastive_embeddings(student, micro_batch),

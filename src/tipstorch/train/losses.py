@@ -230,10 +230,10 @@ class IBOTPatchLoss(_SelfDistillationLoss):
     (DINOv2 weights each masked token by 1 / masked count of its image). Supervised tokens are the masked
     ones for iBOT; for iBOT++ they are all N tokens, so each token, visible or masked, weighs 1/N and the
     visible tokens carry the fraction (1 - mask ratio) of the image's loss. An image with no supervised
-    token contributes 0 and still counts in the batch mean. Teacher scores [B, N, K] come from the
-    unmasked view; every token counts in the centre, only the supervised ones get targets. Student
-    scores and targets are [S, K], the supervised rows (``outputs.supervised_patches``): the student's
-    head runs on those tokens only.
+    token contributes 0 and still counts in the batch mean. Teacher scores come from the unmasked view.
+    Student scores, teacher scores and targets are [S, K], the supervised rows
+    (``outputs.supervised_patches``): both heads run on those tokens only, and the centre is their mean
+    (dinov2 centres on the masked teacher tokens, which are iBOT's supervised rows).
     """
 
     def __init__(self, num_prototypes: int, student_temp: float, center_momentum: float, all_tokens: bool) -> None:
@@ -244,12 +244,10 @@ class IBOTPatchLoss(_SelfDistillationLoss):
         """tokens [B, N, ...] -> the supervised rows [S, ...] (see ``outputs.supervised_patches``)."""
         return supervised_patches(tokens, patch_mask, self.all_tokens)
 
-    def patch_targets(
-        self, teacher_scores: torch.Tensor, teacher_temp: float, patch_mask: torch.Tensor
-    ) -> torch.Tensor:
-        """teacher_scores [B, N, K] -> targets of the supervised rows [S, K]; all B*N rows go to the centre."""
+    def patch_targets(self, teacher_scores: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+        """teacher_scores [S, K] of the supervised rows -> their targets [S, K]; the rows go to the centre."""
         self.centering.accumulate(teacher_scores)
-        return self.centering.probabilities(self.supervised(teacher_scores, patch_mask), teacher_temp)
+        return self.centering.probabilities(teacher_scores, teacher_temp)
 
     def forward(
         self, student_patch_scores: torch.Tensor, teacher_targets: torch.Tensor, patch_mask: torch.Tensor
@@ -351,7 +349,7 @@ class TIPSLoss(nn.Module):
         if self.ibot is not None:
             _require(IBOT, **{"student.patch_scores": student.patch_scores,
                               "teacher.patch_scores": teacher.patch_scores})
-            targets = self.ibot.patch_targets(teacher.patch_scores, ibot_teacher_temp, patch_mask)
+            targets = self.ibot.patch_targets(teacher.patch_scores, ibot_teacher_temp)
             parts[IBOT] = self.ibot(student.patch_scores, targets, patch_mask)
         if self.koleo is not None:
             _require(KOLEO, **{"student.koleo_cls": student.koleo_cls})

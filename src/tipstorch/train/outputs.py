@@ -7,6 +7,7 @@ off (weight 0) is None.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -59,11 +60,17 @@ class StudentOutputs:
     unmasked: ImageFeatures | None = None
 
 
+# tokens [b, N, ...] -> the rows the iBOT loss supervises [S, ...] (``supervised_patches`` with the batch's
+# patch mask and the recipe's ``ibot_all_tokens``; ``IBOTPatchLoss.supervised``)
+SupervisedRows = Callable[[torch.Tensor], torch.Tensor]
+
+
 @dataclass
 class TeacherScores:
     """The teacher's prototype scores on the unmasked global crop, before centring and sharpening (the
     losses turn them into target distributions): ``global_scores`` [b, K] from the DINO head on CLS1,
-    ``patch_scores`` [b, N, K] from the iBOT head on the patch tokens."""
+    ``patch_scores`` [S, K] from the iBOT head on the supervised patch tokens only (the masked ones for
+    iBOT, all b*N for iBOT++; rows as ``supervised_patches`` orders them, as the student's)."""
 
     global_scores: torch.Tensor | None = None
     patch_scores: torch.Tensor | None = None

@@ -21,6 +21,7 @@ alt_tokens / synthetic_tokens long [b, L].
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -47,7 +48,10 @@ def micro_batch_losses(
     crop (no grad) and the per-sample loss parts (DINO, iBOT, KoLeo: means over the micro-batch).
     Returns the contrastive embeddings too: their loss needs the whole batch (``accumulate_gradients``)."""
     outputs = student_pass(micro_batch)
-    scores = teacher.scores(micro_batch["global_crop"], outputs.unmasked) if teacher is not None else None
+    scores = None
+    if teacher is not None:
+        supervised = functools.partial(loss.ibot.supervised, patch_mask=micro_batch["patch_mask"]) if loss.ibot else None
+        scores = teacher.scores(micro_batch["global_crop"], outputs.unmasked, supervised)
     parts = loss.self_supervised_parts(
         outputs, scores, micro_batch["patch_mask"], values.dino_teacher_temp, values.ibot_teacher_temp
     )

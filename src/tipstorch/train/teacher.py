@@ -22,7 +22,7 @@ from torch import nn
 
 from tipstorch.models.vit import ImageFeatures
 from tipstorch.train.config import ConfigError
-from tipstorch.train.outputs import TeacherScores
+from tipstorch.train.outputs import SupervisedRows, TeacherScores
 
 BACKBONE = "backbone"
 DINO_HEAD = "dino_head"
@@ -32,9 +32,12 @@ IBOT_HEAD = "ibot_head"
 class Teacher(Protocol):
     """What the training step and the loop ask of a teacher."""
 
-    def scores(self, global_crop: torch.Tensor, student_unmasked: ImageFeatures | None) -> TeacherScores:
+    def scores(
+        self, global_crop: torch.Tensor, student_unmasked: ImageFeatures | None, supervised: SupervisedRows | None
+    ) -> TeacherScores:
         """global_crop [b, 3, G, G] (unmasked) -> the prototype scores of the enabled heads;
-        ``student_unmasked`` is the student's detached unmasked pass of that crop, when it ran."""
+        ``student_unmasked`` is the student's detached unmasked pass of that crop, when it ran;
+        ``supervised`` picks the patch tokens the iBOT head scores (required when the teacher has one)."""
 
     def update(self, student_parts: Mapping[str, nn.Module], momentum: float) -> None:
         """Follow the student after an optimiser step (EMA with ``momentum``; nothing for a fixed teacher)."""
@@ -53,10 +56,17 @@ def _frozen_copy(module: nn.Module) -> nn.Module:
     return clone.requires_grad_(False)
 
 
-def _head_scores(teacher: EMATeacher | FrozenTeacher, features: ImageFeatures) -> TeacherScores:
-    """The scores of the heads the teacher holds (one per enabled self-distillation term)."""
+def _head_scores(
+    teacher: EMATeacher | FrozenTeacher, features: ImageFeatures, supervised: SupervisedRows | None
+) -> TeacherScores:
+    """The scores of the heads the teacher holds (one per enabled self-distillation term); the iBOT head
+    runs on the supervised patch tokens only (dinov2: the masked ones), not on all b*N."""
     dino = teacher[DINO_HEAD](features.global_cls) if teacher.has(DINO_HEAD) else None
-    ibot = teacher[IBOT_HEAD](features.flat) if teacher.has(IBOT_HEAD) else None
+    ibot = None
+    if teacher.has(IBOT_HEAD):
+        if supervised is None:
+            raise ValueError("the teacher's iBOT head needs the supervised rows (scores(..., supervised=...))")
+        ibot = teacher[IBOT_HEAD](supervised(features.flat))
     return TeacherScores(global_scores=dino, patch_scores=ibot)
 
 
@@ -106,7 +116,9 @@ class EMATeacher(nn.Module):
         return self
 
     @torch.no_grad()
-    def scores(self, global_crop: torch.Tensor, student_unmasked: ImageFeatures | None) -> TeacherScores:
+    def scores(
+        self, global_crop: torch.Tensor, student_unmasked: ImageFeatures | None, supervised: SupervisedRows | None
+    ) -> TeacherScores:
         """See ``Teacher.scores``. A head-only teacher's backbone is the student's: its features are then
         the student's unmasked pass when it ran (no extra pass), else that backbone runs here (in the
         student's mode, train: with ``drop_path_rate`` 0, as in every shipped recipe, train and eval modes
@@ -115,7 +127,7 @@ class EMATeacher(nn.Module):
             features = student_unmasked
         else:
             features = self[BACKBONE].forward_features(global_crop)
-        return _head_scores(self, features)
+        return _head_scores(self, features, supervised)
 
     @torch.no_grad()
     def update(self, student_parts: Mapping[str, nn.Module], momentum: float) -> None:
@@ -170,9 +182,11 @@ class FrozenTeacher(nn.Module):
         return self
 
     @torch.no_grad()
-    def scores(self, global_crop: torch.Tensor, student_unmasked: ImageFeatures | None) -> TeacherScores:
+    def scores(
+        self, global_crop: torch.Tensor, student_unmasked: ImageFeatures | None, supervised: SupervisedRows | None
+    ) -> TeacherScores:
         """See ``Teacher.scores``; the fixed backbone always runs (the student's features are not its own)."""
-        return _head_scores(self, self.parts[BACKBONE].forward_features(global_crop))
+        return _head_scores(self, self.parts[BACKBONE].forward_features(global_crop), supervised)
 
     def update(self, student_parts: Mapping[str, nn.Module], momentum: float) -> None:
         """Nothing to update: the teacher is fixed."""
