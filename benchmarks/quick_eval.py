@@ -11,16 +11,13 @@ a little above one joint run.
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from dataclasses import replace
 
-os.environ.setdefault("TQDM_DISABLE", "1")
+import torch
 
-import torch  # noqa: E402
-
-import tipstorch  # noqa: E402
-from tipstorch.eval.quick import QUICK_SETTINGS, QUICK_TASKS, quick_evaluation  # noqa: E402
+import tipstorch
+from tipstorch.eval.quick import QUICK_SETTINGS, QUICK_TASKS, quick_evaluation
 
 
 def main() -> None:

@@ -18,7 +18,6 @@ Prints one line per diagnostic step, writes the series as JSON and the trained m
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
 import time
@@ -110,8 +109,7 @@ def term_gradient_norms(trainer: Trainer, batch: dict[str, torch.Tensor]) -> dic
         outputs = student(batch)
         parts = loss.contrastive_parts(outputs.embeddings, student.model.temperature)
         if trainer.teacher is not None:  # the targets without recording them for the centres
-            supervised = functools.partial(loss.ibot.supervised, patch_mask=batch["patch_mask"]) if loss.ibot else None
-            targets = trainer.teacher.scores(batch["global_crop"], outputs.unmasked, supervised)
+            targets = trainer.teacher.scores(batch["global_crop"], outputs.unmasked, loss.supervised_rows(batch["patch_mask"]))
             if loss.dino is not None:
                 probs = loss.dino.centering.probabilities(targets.global_scores, values.dino_teacher_temp)
                 parts["dino"] = loss.dino(outputs.local_scores, probs)

@@ -254,6 +254,13 @@ def test_ibot_supervises_and_centres_the_masked_rows_or_with_ibot_plus_plus_ever
     assert loss.centering.center.tolist() == pytest.approx([1.5, 1.25] if all_tokens else [0.5, 2.5])
 
 
+def test_supervised_rows_are_the_ibot_rows_of_the_mask_and_none_without_ibot():
+    tokens = torch.arange(12.0).reshape(2, 3, 2)  # B=2, N=3, D=2
+    mask = torch.tensor([[True, False, True], [False, False, True]])
+    torch.testing.assert_close(tips_loss().supervised_rows(mask)(tokens), tokens[mask])
+    assert tips_loss(ibot=0.0).supervised_rows(mask) is None
+
+
 def test_ibot_loss_rejects_scores_that_are_not_the_supervised_rows():
     teacher, student, _ = _patch_case()
     loss = IBOTPatchLoss(2, student_temp=0.1, center_momentum=0.9, all_tokens=False)

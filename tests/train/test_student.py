@@ -88,7 +88,7 @@ def test_ibot_loss_equals_the_loss_of_the_head_on_all_tokens_weighted_by_the_mas
     tips_loss.ibot.centering.center.copy_(torch.linspace(-0.3, 0.3, HEADS.num_prototypes))
     batch = real_batch()
     outputs = student(batch)
-    supervised = functools.partial(tips_loss.ibot.supervised, patch_mask=batch["patch_mask"])
+    supervised = tips_loss.supervised_rows(batch["patch_mask"])
     scores = teacher.scores(batch["global_crop"], outputs.unmasked, supervised)
     part = tips_loss.self_supervised_parts(outputs, scores, batch["patch_mask"], 0.07, 0.05)["ibot"]
     masked = student.model.visual.forward_features(batch["global_crop"], batch["patch_mask"])

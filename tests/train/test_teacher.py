@@ -1,7 +1,5 @@
 """EMA teachers (full / head-only) and the frozen distillation teacher."""
 
-import functools
-
 import pytest
 import torch
 
@@ -112,7 +110,7 @@ def test_head_only_teacher_pass_adds_no_gradient_to_the_shared_backbone():
     student = make_student()
     teacher = EMATeacher(student.parts(), mode="heads")
     loss, batch = tips_loss(clip_global=0.0, clip_spatial=0.0), make_batch()
-    supervised = functools.partial(loss.ibot.supervised, patch_mask=batch["patch_mask"])
+    supervised = loss.supervised_rows(batch["patch_mask"])
     scores = teacher.scores(batch["global_crop"], None, supervised)  # runs the shared backbone
     assert not scores.global_scores.requires_grad and not scores.patch_scores.requires_grad
     through_teacher = self_distillation_gradients(student, loss, batch, scores)

@@ -11,6 +11,7 @@ all-reduced, so every rank holds the same centre.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 import torch
@@ -19,7 +20,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from tipstorch.train.config import LossCfg
-from tipstorch.train.outputs import ContrastiveEmbeddings, StudentOutputs, TeacherScores, supervised_patches
+from tipstorch.train.outputs import (
+    ContrastiveEmbeddings,
+    StudentOutputs,
+    SupervisedRows,
+    TeacherScores,
+    supervised_patches,
+)
 
 CLIP_GLOBAL = "clip_global"
 CLIP_SPATIAL = "clip_spatial"
@@ -355,6 +362,11 @@ class TIPSLoss(nn.Module):
             _require(KOLEO, **{"student.koleo_cls": student.koleo_cls})
             parts[KOLEO] = self.koleo(student.koleo_cls)
         return parts
+
+    def supervised_rows(self, patch_mask: torch.Tensor) -> SupervisedRows | None:
+        """What the teacher's iBOT head scores for a micro-batch of patch_mask bool [b, N] (True = masked):
+        tokens [b, N, ...] -> the supervised rows [S, ...]; None when the iBOT term is off."""
+        return functools.partial(self.ibot.supervised, patch_mask=patch_mask) if self.ibot is not None else None
 
     def total(self, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Weighted sum of the given parts (every part must be an enabled term)."""

@@ -21,7 +21,6 @@ alt_tokens / synthetic_tokens long [b, L].
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -50,7 +49,7 @@ def micro_batch_losses(
     outputs = student_pass(micro_batch)
     scores = None
     if teacher is not None:
-        supervised = functools.partial(loss.ibot.supervised, patch_mask=micro_batch["patch_mask"]) if loss.ibot else None
+        supervised = loss.supervised_rows(micro_batch["patch_mask"])
         scores = teacher.scores(micro_batch["global_crop"], outputs.unmasked, supervised)
     parts = loss.self_supervised_parts(
         outputs, scores, micro_batch["patch_mask"], values.dino_teacher_temp, values.ibot_teacher_temp
