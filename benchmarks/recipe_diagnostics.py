@@ -105,7 +105,7 @@ def term_gradient_norms(trainer: Trainer, batch: dict[str, torch.Tensor]) -> dic
     student, loss = trainer.student, trainer.loss
     values = trainer.schedules.at(trainer.step)
     backbone = [p for p in student.model.visual.parameters() if p.requires_grad]
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=trainer.cfg.loop.bf16):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=trainer.bf16):
         outputs = student(batch)
         parts = loss.contrastive_parts(outputs.embeddings, student.model.temperature)
         if trainer.teacher is not None:  # the targets without recording them for the centres

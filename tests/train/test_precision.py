@@ -130,3 +130,14 @@ def test_compute_weights_leave_the_float32_parameters_of_a_module_alone():
     with weights.swapped():
         assert student.dino_head.prototypes.weight.dtype == student.model.temperature.dtype == torch.float32
         assert student.dino_head.mlp[0].weight.dtype == student.model.visual.pos_embed.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_auto_follows_the_devices_bf16_matmuls(tmp_path, monkeypatch, native):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    auto = tiny_trainer(tmp_path / "auto", "loop.bf16=auto", "loop.steps=1")
+    assert auto.bf16 is native
+    assert auto.autocast_dtype == (torch.bfloat16 if native else None)
+    forced = tiny_trainer(tmp_path / "forced", "loop.bf16=true", "loop.steps=1")  # an explicit choice stays
+    assert forced.autocast_dtype == torch.bfloat16

@@ -152,7 +152,9 @@ class LoopCfg:
     steps: int = 1000
     batch_size: int = 16384  # 4.1: global batch (all ranks, all accumulation steps)
     accumulation_steps: int = 1
-    bf16: bool = True
+    # "auto": bf16 where the device multiplies bf16 in hardware (CUDA with bf16, a CPU with AVX512-BF16 or AMX),
+    # float32 elsewhere (emulated bf16 on an AVX2-only CPU was 12x slower than float32: train/precision.py)
+    bf16: Literal["auto", True, False] = True
     # How bf16 computes (train/precision.py): "autocast" casts each matmul's operands (float32 parameters and
     # residual stream); "weights" runs the step on bf16 copies of the weights, cast once per step from the float32
     # master weights that the optimiser, the gradients, DDP's all-reduce and the EMA teacher keep (bf16

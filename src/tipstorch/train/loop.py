@@ -79,7 +79,7 @@ from tipstorch.train.parallel import (
     sync_replicated,
     wrap_student,
 )
-from tipstorch.train.precision import WEIGHTS, ComputeWeights
+from tipstorch.train.precision import WEIGHTS, ComputeWeights, use_bf16
 from tipstorch.train.run_state import (
     FINAL,
     FORMAT,
@@ -227,14 +227,15 @@ class Trainer:
                 self.teacher.to(self.context.device)
         self.loss = TIPSLoss(cfg.loss, cfg.heads.num_prototypes).to(self.context.device)
         self.continued = continue_teacher_and_centres(start, self.teacher, self.loss)
-        self.ddp = wrap_student(self.student, loop.parallel, world, loop.bf16)  # what runs the student's passes
+        self.bf16 = use_bf16(loop.bf16, self.context.device)  # "auto": where the device has bf16 matmuls
+        self.ddp = wrap_student(self.student, loop.parallel, world, self.bf16)  # what runs the student's passes
         if self.sharded:
-            shard_teacher(self.teacher, loop.bf16)
+            shard_teacher(self.teacher, self.bf16)
         if on_meta:
             materialize(self.student, self.teacher, self.context.device, cfg.model, loop.seed, self.context.rank,
                         initialise=resume is None)
-        weights_mode = loop.bf16 and loop.bf16_mode == WEIGHTS
-        self.autocast_dtype = torch.bfloat16 if loop.bf16 and not weights_mode else None
+        weights_mode = self.bf16 and loop.bf16_mode == WEIGHTS
+        self.autocast_dtype = torch.bfloat16 if self.bf16 and not weights_mode else None
         self.compute_weights = (  # under FSDP its policy gathers bf16 parameters (parallel.py)
             ComputeWeights([self.student] + ([self.teacher] if isinstance(self.teacher, nn.Module) else []))
             if weights_mode and not self.sharded

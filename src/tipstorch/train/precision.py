@@ -33,6 +33,21 @@ AUTOCAST, WEIGHTS = "autocast", "weights"
 BF16_MODES = (AUTOCAST, WEIGHTS)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bf16 matrices in hardware: a CUDA device with bf16 support, or a CPU with
+    AVX512-BF16 or AMX. Elsewhere oneDNN emulates bf16 (an AVX2-only AMD EPYC: 0.6 GFLOP/s bf16 vs 83 fp32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return False
+
+
+def use_bf16(setting: bool | str, device: torch.device) -> bool:
+    """``loop.bf16`` resolved for ``device``: True / False as set, "auto" where ``native_bf16``."""
+    return native_bf16(device) if setting == "auto" else bool(setting)
+
+
 class _ComputeCopy(torch.autograd.Function):
     """Forward: the master's low-precision copy (no cast here: it was made once for the step). Backward:
     the copy's gradient, cast to the master's dtype, goes to the master."""
