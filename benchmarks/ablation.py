@@ -101,6 +101,19 @@ def seconds_per_step(run_dir: Path) -> float:
     return statistics.median(batch / rate for rate in rates) if rates else math.nan
 
 
+def machine() -> dict[str, object]:
+    """What the sweep ran on (its seconds per step, and the last bits of its figures, depend on it): the CPU
+    model, the kernels torch picked and whether training chose bf16 (``loop.bf16: auto``)."""
+    import torch
+
+    from tipstorch.models.precision import native_bf16
+
+    with open("/proc/cpuinfo") if os.path.exists("/proc/cpuinfo") else open(os.devnull) as cpuinfo:
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")]
+    return {"cpu": names[0] if names else "unknown", "cores": os.cpu_count(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "native_bf16": native_bf16("cpu")}
+
+
 def run_one(variant: Variant, seed: int, args: argparse.Namespace) -> dict:
     run_dir = args.out / f"{variant.config}-seed{seed}"
     result_file = run_dir / "result.json"
@@ -197,7 +210,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/ablation"))
     parser.add_argument("--variants", default=None,
                         help="comma list of rung keys (default: all but the control a+; with --quick: all)")
-    parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (each uses one torch thread + one data worker)")
+    parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (each gets cpu_count // jobs torch threads and draws its own batches)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 3 steps, one seed, a tiny evaluation")
     parser.add_argument("--force", action="store_true", help="rerun runs that already have a result.json")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -226,11 +239,15 @@ def main() -> None:
         results = list(pool.map(lambda job: run_one(job[0], job[1], args), jobs))
     minutes = (time.perf_counter() - start) / 60
     table = summarise(results)
+    ran_on = machine()
     (args.out / "results.json").write_text(json.dumps({"steps": args.steps, "seeds": seeds, "minutes": minutes,
-                                                       "runs": results, "summary": table}, indent=1))
+                                                       "machine": ran_on, "runs": results, "summary": table},
+                                                      indent=1))
     markdown = format_table(table)
+    precision = "bf16" if ran_on["native_bf16"] else "float32"
     (args.out / "ablation.md").write_text(markdown + f"\n{len(jobs)} runs of {args.steps} steps, seeds {seeds}, "
-                                          f"{args.jobs} in parallel: {minutes:.1f} min.\n")
+                                          f"{args.jobs} in parallel: {minutes:.1f} min on {ran_on['cores']} cores "
+                                          f"of an {ran_on['cpu']} (training in {precision}).\n")
     plot(table, args.out / "ablation.png")
     print(markdown + f"{len(jobs)} runs in {minutes:.1f} min; wrote {args.out}/results.json, ablation.md, ablation.png")
 

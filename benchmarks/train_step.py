@@ -107,8 +107,8 @@ class Row:
         overrides = [f"loop.batch_size={batch}", "loop.steps=1000", "eval.quick=false", "loop.threads=0"]
         overrides += [item for item in variant.split(",") if item]
         cfg = load_config(resolve_config(config), overrides)
-        self.bf16 = cfg.loop.bf16
         self.trainer = Trainer(cfg, get_tokenizer, out_dir=out_dir)
+        self.bf16 = self.trainer.bf16  # loop.bf16 resolved ("auto": where the device has bf16 matmuls)
         self.inputs = synthetic_batch(self.trainer, batch)
         with FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOPS) as counter:
             self.trainer.train_step(self.inputs)  # also the warm-up

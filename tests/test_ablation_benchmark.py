@@ -19,6 +19,7 @@ def test_quick_ablation_trains_and_evaluates_every_rung(tmp_path):
                    check=True, env=env, cwd=tmp_path, timeout=900)
     report = json.loads((out / "results.json").read_text())
     assert {run["variant"] for run in report["runs"]} == RUNGS
+    assert report["machine"]["cores"] == os.cpu_count() and isinstance(report["machine"]["native_bf16"], bool)
     for run in report["runs"]:
         metrics = run["metrics"]
         for key in ("seg_probe/miou", "depth_probe/rmse", "normals_dpt/mean_deg", "zeroshot_seg/miou",
@@ -29,4 +30,5 @@ def test_quick_ablation_trains_and_evaluates_every_rung(tmp_path):
         assert "scenes_objects:\n  - 2\n  - 3" in config, run["config"]  # --set reached every variant
     table = (out / "ablation.md").read_text()
     assert all(f"| {rung} |" in table for rung in RUNGS)
+    assert f"on {os.cpu_count()} cores of an {report['machine']['cpu']}" in table
     assert (out / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

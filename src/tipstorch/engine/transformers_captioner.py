@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from tipstorch.engine.precision import use_bf16
+from tipstorch.engine.precision import inference_bf16
 
 DEFAULT_CAPTIONER = (
     "google/paligemma-3b-ft-cococap-224"  # the paper's captioner: PaliGemma fine-tuned on COCO captions
@@ -33,7 +33,7 @@ class TransformersCaptioner:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         self.device = torch.device(device)
-        self.dtype = torch.bfloat16 if use_bf16(self.device, precision) else torch.float32
+        self.dtype = torch.bfloat16 if inference_bf16(self.device, precision) else torch.float32
         self.processor = AutoProcessor.from_pretrained(name_or_path, local_files_only=local_files_only)
         tokenizer = getattr(self.processor, "tokenizer", None)
         if tokenizer is not None:

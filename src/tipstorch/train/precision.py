@@ -29,18 +29,10 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
+from tipstorch.models.precision import native_bf16
+
 AUTOCAST, WEIGHTS = "autocast", "weights"
 BF16_MODES = (AUTOCAST, WEIGHTS)
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` multiplies bf16 matrices in hardware: a CUDA device with bf16 support, or a CPU with
-    AVX512-BF16 or AMX. Elsewhere oneDNN emulates bf16 (an AVX2-only AMD EPYC: 0.6 GFLOP/s bf16 vs 83 fp32)."""
-    if device.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    return False
 
 
 def use_bf16(setting: bool | str, device: torch.device) -> bool:
