@@ -108,8 +108,9 @@ def machine() -> dict[str, object]:
 
     from tipstorch.models.precision import native_bf16
 
-    with open("/proc/cpuinfo") if os.path.exists("/proc/cpuinfo") else open(os.devnull) as cpuinfo:
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")]
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
     return {"cpu": names[0] if names else "unknown", "cores": os.cpu_count(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "native_bf16": native_bf16("cpu")}
 
