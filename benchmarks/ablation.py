@@ -18,7 +18,10 @@ The configs are the shipped recipes of those names (``src/tipstorch/configs``).
 
 Each (variant, seed) trains in its own process (``tipstorch train``; peak memory is that process
 tree's maximum resident set), then ``tipstorch eval --tasks quick`` scores the exported model. Results:
-``OUT/results.json`` (every run), ``OUT/ablation.md`` (mean +- std over seeds) and ``OUT/ablation.png``.
+``OUT/results.json`` (every run), ``OUT/ablation.md`` (mean +- std over seeds, then each rung against the
+one before: better / worse only beyond the seed spread) and ``OUT/ablation.png``. A run whose directory
+in ``OUT`` already holds a result.json is read back, not trained again (``--force`` reruns it), so a
+sweep can be split over machines or sessions: copy the run directories into one ``OUT`` and rerun.
 
     python benchmarks/ablation.py --seeds 0,1,2 --out runs/ablation     # the full sweep
     python benchmarks/ablation.py --quick --out runs/ablation-quick     # every variant trains and evaluates
@@ -115,11 +118,12 @@ def machine() -> dict[str, object]:
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "native_bf16": native_bf16("cpu")}
 
 
-def run_one(variant: Variant, seed: int, args: argparse.Namespace) -> dict:
+def run_one(variant: Variant, seed: int, args: argparse.Namespace) -> tuple[dict, bool]:
+    """Train and evaluate one (variant, seed); (its result, whether it was read from an earlier result.json)."""
     run_dir = args.out / f"{variant.config}-seed{seed}"
     result_file = run_dir / "result.json"
     if result_file.exists() and not args.force:
-        return json.loads(result_file.read_text())
+        return json.loads(result_file.read_text()), True
     run_dir.mkdir(parents=True, exist_ok=True)
     settings = [f"loop.seed={seed}", f"loop.steps={args.steps}", f"loop.out_dir={run_dir}", "eval.quick=false",
                 f"loop.checkpoint_every={args.steps}", *args.set]
@@ -130,16 +134,16 @@ def run_one(variant: Variant, seed: int, args: argparse.Namespace) -> dict:
     train_seconds, peak_gb = run_measured(train, run_dir / "train.log", threads)
     evaluate = [*CLI, "eval", "--model", str(run_dir / "final.safetensors"), "--tasks", "quick",
                 "--out", str(run_dir / "eval.json"), "--seed", str(seed), *args.eval_args]
-    run_measured(evaluate, run_dir / "eval.log", threads)
+    eval_seconds, _ = run_measured(evaluate, run_dir / "eval.log", threads)
     metrics = {key.removeprefix("scenes/"): value
                for key, value in json.loads((run_dir / "eval.json").read_text())["metrics"].items()}
     result = {"variant": variant.key, "config": variant.config, "seed": seed, "steps": args.steps,
-              "metrics": metrics, "train_seconds": train_seconds, "peak_rss_gb": peak_gb,
+              "metrics": metrics, "train_seconds": train_seconds, "eval_seconds": eval_seconds, "peak_rss_gb": peak_gb,
               "seconds_per_step": seconds_per_step(run_dir)}
     result_file.write_text(json.dumps(result, indent=1))
     print(f"{variant.key:>3} seed {seed}: " + ", ".join(f"{title} {metrics.get(key, math.nan):.3f}"
                                                        for key, title, _ in METRICS[:7]), flush=True)
-    return result
+    return result, False
 
 
 def summarise(results: list[dict]) -> dict[str, dict[str, tuple[float, float, int]]]:
@@ -174,6 +178,43 @@ def format_table(table: dict[str, dict[str, tuple[float, float, int]]]) -> str:
         seeds = max(count for _, _, count in row.values())
         cells = [f"{row[key][0]:.3f} ± {row[key][1]:.3f}" if key in row else "-" for key, _, _ in METRICS]
         lines.append(f"| {variant.key} | {variant.label} | {seeds} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# (from, to, what changes): the ladder's rungs and the single changes the paper's targets name
+STEPS: tuple[tuple[str, str, str], ...] = (
+    ("a", "b", "+ spatial captions, dual CLS"),
+    ("b", "c", "+ self-distillation"),
+    ("c", "d", "+ masked modelling"),
+    ("d", "e", "TIPS -> TIPSv2"),
+    ("d", "d+", "iBOT -> iBOT++"),
+    ("e-", "e", "full -> head-only EMA"),
+)
+
+
+def format_comparisons(results: list[dict]) -> str:
+    """Markdown: for every step of STEPS, the change of each metric's mean (signed so that + is better)
+    against the seed spread, the larger of the two rungs' std over seeds. A change counts as ``better`` or
+    ``worse`` only when it exceeds that spread; otherwise it is ``noise``."""
+    table = summarise(results)
+    header = "| step | change | " + " | ".join(title for _, title, _ in METRICS) + " |"
+    lines = ["Each rung against the one before (mean change, + = better; `better` / `worse` only when larger "
+             "than the larger seed std of the two rungs, else `noise`):", "", header,
+             "|---|---|" + "---:|" * len(METRICS)]
+    for start, end, label in STEPS:
+        if start not in table or end not in table:
+            continue
+        cells = []
+        for key, _, up in METRICS:
+            if key not in table[start] or key not in table[end]:
+                cells.append("-")
+                continue
+            (mean_from, std_from, _), (mean_to, std_to, _) = table[start][key], table[end][key]
+            gain = (mean_to - mean_from) * (1 if up else -1)
+            spread = max(std_from, std_to)
+            verdict = "better" if gain > spread else "worse" if gain < -spread else "noise"
+            cells.append(f"{gain:+.3f} {verdict}")
+        lines.append(f"| {start} -> {end} | {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -237,20 +278,24 @@ def main() -> None:
     start = time.perf_counter()
     jobs = [(variant, seed) for seed in seeds for variant in chosen]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        results = list(pool.map(lambda job: run_one(job[0], job[1], args), jobs))
+        outcomes = list(pool.map(lambda job: run_one(job[0], job[1], args), jobs))
     minutes = (time.perf_counter() - start) / 60
+    results = [result for result, _ in outcomes]
+    reused = sum(was_read for _, was_read in outcomes)
     table = summarise(results)
     ran_on = machine()
-    (args.out / "results.json").write_text(json.dumps({"steps": args.steps, "seeds": seeds, "minutes": minutes,
+    (args.out / "results.json").write_text(json.dumps({"steps": args.steps, "seeds": seeds, "minutes": minutes, "runs_reused": reused,
                                                        "machine": ran_on, "runs": results, "summary": table},
                                                       indent=1))
-    markdown = format_table(table)
+    markdown = format_table(table) + "\n" + format_comparisons(results)
     precision = "bf16" if ran_on["native_bf16"] else "float32"
+    earlier = f"; {reused} of them read from an earlier sweep's result.json, not rerun" if reused else ""
     (args.out / "ablation.md").write_text(markdown + f"\n{len(jobs)} runs of {args.steps} steps, seeds {seeds}, "
                                           f"{args.jobs} in parallel: {minutes:.1f} min on {ran_on['cores']} cores "
-                                          f"of an {ran_on['cpu']} (training in {precision}).\n")
+                                          f"of an {ran_on['cpu']} (training in {precision}){earlier}.\n")
     plot(table, args.out / "ablation.png")
-    print(markdown + f"{len(jobs)} runs in {minutes:.1f} min; wrote {args.out}/results.json, ablation.md, ablation.png")
+    print(markdown + f"{len(jobs)} runs ({reused} read, not rerun) in {minutes:.1f} min; "
+          f"wrote {args.out}/results.json, ablation.md, ablation.png")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,14 @@
 """benchmarks/ablation.py --quick: every rung of the ladder trains and is evaluated, and the report is written."""
 
+import importlib.util
 import json
 import math
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNGS = {"a", "b", "c", "d", "e", "d+", "e-", "a+"}
@@ -32,3 +35,39 @@ def test_quick_ablation_trains_and_evaluates_every_rung(tmp_path):
     assert all(f"| {rung} |" in table for rung in RUNGS)
     assert f"on {os.cpu_count()} cores of an {report['machine']['cpu']}" in table
     assert (out / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| a -> b | + spatial captions, dual CLS |" in table and "| e- -> e | full -> head-only EMA |" in table
+    assert all(run["eval_seconds"] > 0 for run in report["runs"]) and report["runs_reused"] == 0
+
+    # a second sweep into the same directory reads every run back instead of training it again, and says so
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ablation.py"), "--quick", "--out", str(out)],
+                   check=True, env=env, cwd=tmp_path, timeout=300)
+    again = json.loads((out / "results.json").read_text())
+    assert again["runs_reused"] == len(RUNGS) and again["runs"] == report["runs"]
+    assert f"{len(RUNGS)} of them read from an earlier sweep's result.json" in (out / "ablation.md").read_text()
+
+
+def load_ablation():
+    spec = importlib.util.spec_from_file_location("ablation", ROOT / "benchmarks" / "ablation.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["ablation"] = module  # its dataclasses look their module up while the class is made
+    spec.loader.exec_module(module)
+    return module
+
+
+def fake_run(variant: str, seed: int, seg: float, depth: float) -> dict:
+    return {"variant": variant, "seed": seed, "seconds_per_step": 1.0, "peak_rss_gb": 1.0,
+            "metrics": {"seg_probe/miou": seg, "depth_probe/rmse": depth}}
+
+
+@pytest.mark.parametrize(("seg_b", "depth_b", "seg_word", "depth_word"), [
+    ((0.30, 0.32), (0.80, 0.82), "better", "better"),  # seg up by 0.16 and depth down by 0.19, spreads ~0.014
+    ((0.15, 0.16), (1.20, 1.22), "noise", "worse"),    # seg +0.005 within its spread, depth up 0.21
+])
+def test_a_rung_counts_as_better_or_worse_only_beyond_the_seed_spread(seg_b, depth_b, seg_word, depth_word):
+    ablation = load_ablation()
+    runs = [fake_run("a", 0, 0.14, 1.00), fake_run("a", 1, 0.16, 1.02),
+            fake_run("b", 0, seg_b[0], depth_b[0]), fake_run("b", 1, seg_b[1], depth_b[1])]
+    row = next(line for line in ablation.format_comparisons(runs).splitlines() if line.startswith("| a -> b |"))
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert cells[2].endswith(seg_word) and cells[3].endswith(depth_word), row
+    assert cells[4] == "-"  # a metric the runs lack
