@@ -146,6 +146,11 @@ def run_one(variant: Variant, seed: int, args: argparse.Namespace) -> tuple[dict
     return result, False
 
 
+def figures(run: dict) -> dict[str, float]:
+    """One run's figures under the METRICS keys: its evaluation metrics plus its time per step and memory."""
+    return {**run["metrics"], "train/seconds_per_step": run["seconds_per_step"], "train/peak_rss_gb": run["peak_rss_gb"]}
+
+
 def summarise(results: list[dict]) -> dict[str, dict[str, tuple[float, float, int]]]:
     """variant key -> metric key -> (mean, sample std, number of seeds)."""
     table: dict[str, dict[str, tuple[float, float, int]]] = {}
@@ -155,9 +160,7 @@ def summarise(results: list[dict]) -> dict[str, dict[str, tuple[float, float, in
             continue
         values: dict[str, list[float]] = {}
         for run in runs:
-            row = dict(run["metrics"])
-            row["train/seconds_per_step"] = run["seconds_per_step"]
-            row["train/peak_rss_gb"] = run["peak_rss_gb"]
+            row = figures(run)
             for key, _, _ in METRICS:
                 if key in row:
                     values.setdefault(key, []).append(float(row[key]))
@@ -197,9 +200,11 @@ def format_comparisons(results: list[dict]) -> str:
     against the seed spread, the larger of the two rungs' std over seeds. A change counts as ``better`` or
     ``worse`` only when it exceeds that spread; otherwise it is ``noise``."""
     table = summarise(results)
+    by_seed = {(run["variant"], run["seed"]): figures(run) for run in results}
     header = "| step | change | " + " | ".join(title for _, title, _ in METRICS) + " |"
     lines = ["Each rung against the one before (mean change, + = better; `better` / `worse` only when larger "
-             "than the larger seed std of the two rungs, else `noise`):", "", header,
+             "than the larger seed std of the two rungs, else `noise`; k/n: in k of the n training seeds the "
+             "two rungs share, the later rung is better):", "", header,
              "|---|---|" + "---:|" * len(METRICS)]
     for start, end, label in STEPS:
         if start not in table or end not in table:
@@ -213,7 +218,10 @@ def format_comparisons(results: list[dict]) -> str:
             gain = (mean_to - mean_from) * (1 if up else -1)
             spread = max(std_from, std_to)
             verdict = "better" if gain > spread else "worse" if gain < -spread else "noise"
-            cells.append(f"{gain:+.3f} {verdict}")
+            paired = [(by_seed[end, seed][key] - by_seed[start, seed][key]) * (1 if up else -1)
+                      for variant, seed in by_seed if variant == start and key in by_seed[start, seed]
+                      and key in by_seed.get((end, seed), {})]
+            cells.append(f"{gain:+.3f} {verdict} ({sum(g > 0 for g in paired)}/{len(paired)})")
         lines.append(f"| {start} -> {end} | {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -59,15 +59,22 @@ def fake_run(variant: str, seed: int, seg: float, depth: float) -> dict:
             "metrics": {"seg_probe/miou": seg, "depth_probe/rmse": depth}}
 
 
-@pytest.mark.parametrize(("seg_b", "depth_b", "seg_word", "depth_word"), [
-    ((0.30, 0.32), (0.80, 0.82), "better", "better"),  # seg up by 0.16 and depth down by 0.19, spreads ~0.014
-    ((0.15, 0.16), (1.20, 1.22), "noise", "worse"),    # seg +0.005 within its spread, depth up 0.21
+@pytest.mark.parametrize(("seg_b", "depth_b", "seg_cell", "depth_cell"), [
+    # seg up by 0.16 and depth down by 0.19 in both seeds, spreads ~0.014
+    ((0.30, 0.32), (0.80, 0.82), "+0.160 better (2/2)", "+0.200 better (2/2)"),
+    # seg +0.005 on average within its spread (seed 0 better, seed 1 equal), depth up 0.21 in both seeds
+    ((0.15, 0.16), (1.20, 1.22), "+0.005 noise (1/2)", "-0.200 worse (0/2)"),
 ])
-def test_a_rung_counts_as_better_or_worse_only_beyond_the_seed_spread(seg_b, depth_b, seg_word, depth_word):
+def test_a_rung_counts_as_better_or_worse_only_beyond_the_seed_spread(seg_b, depth_b, seg_cell, depth_cell):
     ablation = load_ablation()
     runs = [fake_run("a", 0, 0.14, 1.00), fake_run("a", 1, 0.16, 1.02),
-            fake_run("b", 0, seg_b[0], depth_b[0]), fake_run("b", 1, seg_b[1], depth_b[1])]
+            fake_run("b", 0, seg_b[0], depth_b[0]), fake_run("b", 1, seg_b[1], depth_b[1]),
+            fake_run("b", 2, 0.50, 0.10)]  # a seed that (a) lacks is in b's mean but not in the paired count
     row = next(line for line in ablation.format_comparisons(runs).splitlines() if line.startswith("| a -> b |"))
     cells = [cell.strip() for cell in row.strip("|").split("|")]
-    assert cells[2].endswith(seg_word) and cells[3].endswith(depth_word), row
+    assert cells[2].endswith("/2)") and cells[3].endswith("/2)"), row
     assert cells[4] == "-"  # a metric the runs lack
+    runs.pop()
+    row = next(line for line in ablation.format_comparisons(runs).splitlines() if line.startswith("| a -> b |"))
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert (cells[2], cells[3]) == (seg_cell, depth_cell), row
