@@ -146,6 +146,15 @@ def run_one(variant: Variant, seed: int, args: argparse.Namespace) -> tuple[dict
     return result, False
 
 
+def recorded_minutes(results: list[dict]) -> dict[str, float | int]:
+    """Training and evaluation time summed over the runs, as each run recorded it when it ran (so a sweep read
+    back from earlier result.json files still states its cost); runs from before eval_seconds was recorded
+    are counted in `without_eval_time`."""
+    timed = [run["eval_seconds"] for run in results if "eval_seconds" in run]
+    return {"train": sum(run["train_seconds"] for run in results) / 60, "eval": sum(timed) / 60,
+            "without_eval_time": len(results) - len(timed)}
+
+
 def figures(run: dict) -> dict[str, float]:
     """One run's figures under the METRICS keys: its evaluation metrics plus its time per step and memory."""
     return {**run["metrics"], "train/seconds_per_step": run["seconds_per_step"], "train/peak_rss_gb": run["peak_rss_gb"]}
@@ -292,15 +301,21 @@ def main() -> None:
     reused = sum(was_read for _, was_read in outcomes)
     table = summarise(results)
     ran_on = machine()
+    spent = recorded_minutes(results)
     (args.out / "results.json").write_text(json.dumps({"steps": args.steps, "seeds": seeds, "minutes": minutes, "runs_reused": reused,
-                                                       "machine": ran_on, "runs": results, "summary": table},
-                                                      indent=1))
+                                                       "run_minutes": spent, "machine": ran_on, "runs": results,
+                                                       "summary": table}, indent=1))
     markdown = format_table(table) + "\n" + format_comparisons(results)
     precision = "bf16" if ran_on["native_bf16"] else "float32"
     earlier = f"; {reused} of them read from an earlier sweep's result.json, not rerun" if reused else ""
+    untimed = (f", {spent['without_eval_time']} runs without a recorded evaluation time"
+               if spent["without_eval_time"] else "")
     (args.out / "ablation.md").write_text(markdown + f"\n{len(jobs)} runs of {args.steps} steps, seeds {seeds}, "
                                           f"{args.jobs} in parallel: {minutes:.1f} min on {ran_on['cores']} cores "
-                                          f"of an {ran_on['cpu']} (training in {precision}){earlier}.\n")
+                                          f"of an {ran_on['cpu']} (training in {precision}){earlier}. The runs "
+                                          f"themselves, as recorded when each ran: training {spent['train']:.1f} min, "
+                                          f"evaluation {spent['eval']:.1f} min (process time summed over the runs"
+                                          f"{untimed}).\n")
     plot(table, args.out / "ablation.png")
     print(markdown + f"{len(jobs)} runs ({reused} read, not rerun) in {minutes:.1f} min; "
           f"wrote {args.out}/results.json, ablation.md, ablation.png")

@@ -44,6 +44,18 @@ def test_quick_ablation_trains_and_evaluates_every_rung(tmp_path):
     again = json.loads((out / "results.json").read_text())
     assert again["runs_reused"] == len(RUNGS) and again["runs"] == report["runs"]
     assert f"{len(RUNGS)} of them read from an earlier sweep's result.json" in (out / "ablation.md").read_text()
+    # ... and still states what the runs cost when they ran
+    train_minutes = sum(run["train_seconds"] for run in report["runs"]) / 60
+    assert again["run_minutes"]["train"] == pytest.approx(train_minutes) and train_minutes > 0
+    assert again["run_minutes"] == report["run_minutes"] and again["run_minutes"]["without_eval_time"] == 0
+    assert f"training {train_minutes:.1f} min, evaluation {again['run_minutes']['eval']:.1f} min" in (
+        out / "ablation.md").read_text()
+
+
+def test_recorded_minutes_sum_the_runs_and_count_those_without_an_evaluation_time():
+    ablation = load_ablation()
+    runs = [{"train_seconds": 120.0, "eval_seconds": 60.0}, {"train_seconds": 180.0}]
+    assert ablation.recorded_minutes(runs) == {"train": 5.0, "eval": 1.0, "without_eval_time": 1}
 
 
 def load_ablation():
