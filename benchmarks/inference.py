@@ -9,10 +9,11 @@ live in this one process. Each round runs one forward of every row (implementati
 in turn and a square matmul in bf16 and fp32, so a burst of load from another process hits every row
 alike. ``bf16-autocast`` is what the CLI's ``--bf16`` does; ``bf16-weights`` casts the model to bfloat16
 (both implementations, as transformers' ``torch_dtype=torch.bfloat16`` does). Printed per row: median
-images/s, spread (slowest and fastest round over the median), fraction of the median matmul peak of the
-row's dtype (FLOPs counted with ``FlopCounterMode``: matmuls, convolutions and attention), the ratio to
-transformers at the same precision and size, and the max abs difference of the outputs (all tokens after
-the final norm) from transformers' fp32 output.
+images/s, spread (slowest and fastest round over the median), fraction of the matmul peak of the
+row's dtype (median over rounds, each forward against the peak of its own round; FLOPs counted with
+``FlopCounterMode``: matmuls, convolutions and attention), the ratio to transformers at the same precision
+and size (median over rounds of the two forwards of a round), and the max abs difference of the outputs
+(all tokens after the final norm) from transformers' fp32 output.
 
 Measured (shared 2-core Xeon under another job's load, 2 threads, wall clock):
 ``--sizes 224 448 --batch 2 --rounds 2 --precisions fp32 bf16-weights``: tipstorch / transformers 0.99x and
@@ -30,7 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from matmul_peak import interleaved_rounds
+from matmul_peak import fraction_of_peak, interleaved_rounds, paired_ratio
 from torch.utils.flop_counter import FlopCounterMode
 
 PRECISIONS = ("fp32", "bf16-autocast", "bf16-weights")
@@ -124,9 +125,9 @@ def main() -> None:
     }
     for row in rows:
         seconds = statistics.median(row.seconds)
-        fraction = row.flops / seconds / peak[row.dtype]
+        fraction = fraction_of_peak(row.flops, row.seconds, peaks[row.dtype])
         theirs = reference.get((row.size, row.precision))
-        ratio = statistics.median(theirs.seconds) / seconds if theirs is not None else float("nan")
+        ratio = paired_ratio(theirs.seconds, row.seconds) if theirs is not None else float("nan")
         diff = (row.output - exact[row.size]).abs().max().item() if row.size in exact else float("nan")
         print(
             f"| {row.size} | {row.precision} | {row.implementation} | {row.batch / seconds:.2f} | "

@@ -11,8 +11,8 @@ and a square matmul in bf16 and fp32 (the peak under the load of that round), so
 another process hits every row alike. Printed per row: median images/s, the spread (slowest and
 fastest round over the median), the ratio to the first variant of its (config, batch), CPU seconds per
 step (this process only: with one thread it hardly depends on the other processes' load), GFLOP per step,
-MFU = achieved FLOP/s / median peak of the step's dtype, the same from CPU time (FLOPs / (CPU s / threads)
-/ peak: on a loaded machine the figure an idle one would give, if the peak itself was measured while the
+MFU = the median over rounds of the step's FLOP/s / the peak of its dtype in the same round, the same
+from CPU time (FLOPs / (CPU s / threads) / peak: on a loaded machine the figure an idle one would give, if the peak itself was measured while the
 matmul had its cores; its spread tells), and the step's peak memory: the peak resident set of the
 process during one step above its resident set before it (Linux: ``/proc/self/clear_refs`` resets the
 peak; the gradients of the step before are freed first), i.e. activations, gradients and temporaries.
@@ -40,7 +40,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from matmul_peak import interleaved_rounds
+from matmul_peak import fraction_of_peak, interleaved_rounds
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from tipstorch.train.config import load_config, resolve_config
@@ -165,9 +165,9 @@ def main() -> None:
     for row in rows:
         seconds = statistics.median(row.wall)
         reference = first.setdefault((row.config, row.batch), seconds)
-        row_peak = peak[torch.bfloat16 if row.bf16 else torch.float32]
-        mfu = row.flops / seconds / row_peak
-        cpu_mfu = row.flops / (statistics.median(row.cpu) / args.threads) / row_peak
+        row_peaks = peaks[torch.bfloat16 if row.bf16 else torch.float32]
+        mfu = fraction_of_peak(row.flops, row.wall, row_peaks)
+        cpu_mfu = fraction_of_peak(row.flops, [cpu / args.threads for cpu in row.cpu], row_peaks)
         result = {
             "config": row.config,
             "batch": row.batch,
