@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import statistics
 import tempfile
 import time
@@ -35,6 +36,12 @@ from matmul_peak import fraction_of_peak, interleaved_rounds, paired_ratio
 from torch.utils.flop_counter import FlopCounterMode
 
 PRECISIONS = ("fp32", "bf16-autocast", "bf16-weights")
+# oneDNN's fused linear (tipstorch's bf16 CPU inference, models/fused_linear.py): x [..., in] @ w [out, in]^T
+FUSED_LINEAR_FLOPS = {
+    torch.ops.mkldnn._linear_pointwise: (
+        lambda tokens, weight, *args, out_shape=None, **kwargs: 2 * math.prod(tokens) * weight[0]
+    ),
+}
 
 
 
@@ -66,7 +73,7 @@ class Row:
         self.forward = build(torch.bfloat16 if precision == "bf16-weights" else torch.float32)
         self.images = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
         self.dtype = torch.float32 if precision == "fp32" else torch.bfloat16
-        with FlopCounterMode(display=False) as counter:
+        with FlopCounterMode(display=False, custom_mapping=FUSED_LINEAR_FLOPS) as counter:
             self.output = self.run().float()  # also the warm-up
         self.flops = counter.get_total_flops()
         self.seconds: list[float] = []

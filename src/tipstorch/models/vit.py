@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from tipstorch.models.attention import attention
+from tipstorch.models.fused_linear import linear
 
 NUM_PREFIX_TOKENS = 2  # CLS1 (global) and CLS2 (spatial)
 
@@ -117,14 +118,14 @@ class Attention(nn.Module):
     def split_heads(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries, keys and values, each [B, heads, N, D/heads]."""
         batch, length, dim = tokens.shape
-        qkv = self.qkv(tokens).reshape(batch, length, 3, self.num_heads, dim // self.num_heads)
+        qkv = linear(tokens, self.qkv).reshape(batch, length, 3, self.num_heads, dim // self.num_heads)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         return query, key, value
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         query, key, value = self.split_heads(tokens)
         attended = attention(query, key, value, fused=self.fused_attn)
-        return self.proj(attended.transpose(1, 2).flatten(2))
+        return linear(attended.transpose(1, 2).flatten(2), self.proj)
 
 
 class Mlp(nn.Module):
@@ -136,7 +137,7 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden_dim, dim)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(tokens)))
+        return linear(linear(tokens, self.fc1, "gelu"), self.fc2)
 
 
 class SwiGLU(nn.Module):
@@ -148,8 +149,8 @@ class SwiGLU(nn.Module):
         self.w3 = nn.Linear(hidden_dim, dim)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        gate, value = self.w12(tokens).chunk(2, dim=-1)
-        return self.w3(F.silu(gate) * value)
+        gate, value = linear(tokens, self.w12).chunk(2, dim=-1)
+        return linear(F.silu(gate) * value, self.w3)
 
 
 class LayerScale(nn.Module):
