@@ -12,8 +12,8 @@ another process hits every row alike. Printed per row: median images/s, the spre
 fastest round over the median), the ratio to the first variant of its (config, batch), CPU seconds per
 step (this process only: with one thread it hardly depends on the other processes' load), GFLOP per step,
 MFU = the median over rounds of the step's FLOP/s / the peak of its dtype in the same round, the same
-from CPU time (FLOPs / (CPU s / threads) / peak: on a loaded machine the figure an idle one would give, if the peak itself was measured while the
-matmul had its cores; its spread tells), and the step's peak memory: the peak resident set of the
+from CPU time (FLOPs / (CPU s / threads) / peak: on a loaded machine the figure an idle one would give,
+if the peak itself was measured while the matmul had its cores; its spread tells), and the step's peak memory: the peak resident set of the
 process during one step above its resident set before it (Linux: ``/proc/self/clear_refs`` resets the
 peak; the gradients of the step before are freed first), i.e. activations, gradients and temporaries.
 FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` on the warm-up step (matmuls, convolutions and attention,

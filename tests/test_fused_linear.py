@@ -37,11 +37,20 @@ def test_float32_and_training_keep_f_linear():
     assert not uses_fused_linear(tokens.bfloat16(), bf16)  # bf16 weights need grads: a backward may follow
     with torch.no_grad():
         assert not uses_fused_linear(tokens, bf16)  # float32 tokens (autocast-free) into bf16 weights
+    fp32 = layer(torch.float32)
     with torch.no_grad(), CountFusedCalls() as counter:
-        out = linear(tokens, layer(torch.float32), "gelu")
+        out = linear(tokens, fp32, "gelu")
     assert counter.calls == 0
-    torch.testing.assert_close(out, F.gelu(F.linear(tokens, layer(torch.float32).weight, layer(torch.float32).bias)),
-                               rtol=0, atol=0)
+    torch.testing.assert_close(out, F.gelu(F.linear(tokens, fp32.weight, fp32.bias)), rtol=0, atol=0)
+
+
+def test_a_trainable_bias_beside_frozen_weights_keeps_f_linear_and_gets_its_gradient():
+    bf16 = layer(torch.bfloat16)
+    bf16.weight.requires_grad_(False)  # e.g. bias-only fine-tuning: oneDNN's op has no autograd formula
+    tokens = torch.randn(2, 5, 64).bfloat16()
+    assert not uses_fused_linear(tokens, bf16)
+    linear(tokens, bf16, "gelu").float().sum().backward()
+    assert bf16.bias.grad is not None and bf16.bias.grad.abs().sum() > 0
 
 
 def test_unknown_activation_is_refused():

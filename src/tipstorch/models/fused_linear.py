@@ -38,7 +38,9 @@ def uses_fused_linear(tokens: torch.Tensor, layer: nn.Linear) -> bool:
     """Whether ``linear`` runs ``layer`` on ``tokens`` as one oneDNN kernel (see the module docstring)."""
     if tokens.device.type != "cpu" or tokens.dtype != torch.bfloat16 or layer.weight.dtype != torch.bfloat16:
         return False
-    if torch.is_grad_enabled() and (tokens.requires_grad or layer.weight.requires_grad):
+    if torch.is_grad_enabled() and any(
+        tensor is not None and tensor.requires_grad for tensor in (tokens, layer.weight, layer.bias)
+    ):
         return False
     return _cpu_has_fused_linear()
 
